@@ -1,0 +1,229 @@
+"""Procedural stand-ins for catalog datasets, written in each dataset's *real* layout.
+
+Tests and the quickstart need data without downloads, and the code reading it must be the
+code that reads the real datasets. So the generator writes the same folders, file names and
+CoOp split file the real dataset has (plus Oxford Pets' ``annotations/`` lists), filled
+with small drawn images: each class is one coloured shape on a noisy grey background, with
+jittered colour, size and position, so classes are distinguishable and a model can learn
+them, while no two images are identical.
+
+Output is a pure function of (entry, images_per_class, image_size, seed, num_classes):
+each image draws from its own ``numpy`` generator seeded with (seed, label, index), so the
+same arguments give byte-identical files, and a class's images do not depend on how many
+classes were generated.
+
+Per class the images are split 50/20/30 into train/val/test, the ratio CoOp uses when it
+regenerates a split (Dassl ``read_and_split_data``: ``round(n * 0.5)``, ``round(n * 0.2)``,
+the rest). The default of 40 images per class leaves 20 training images, enough for the
+16-shot protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlprompt.datasets.catalog import CatalogEntry, get_entry
+from vlprompt.datasets.splits import Row, write_split_file
+from vlprompt.datasets.types import SPLIT_NAMES
+
+MARKER_FILE = "vlprompt_generated.json"
+"""Written last into a generated dataset folder; records the arguments that produced it."""
+
+TRAIN_FRACTION = 0.5
+VAL_FRACTION = 0.2
+MIN_IMAGES_PER_CLASS = 4  # smallest count for which 50/20/30 leaves no split empty
+MIN_IMAGE_SIZE = 8
+
+RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 230),
+    "yellow": (235, 215, 40),
+    "orange": (245, 135, 20),
+    "purple": (135, 50, 190),
+    "cyan": (40, 215, 225),
+    "pink": (245, 140, 200),
+}
+
+# Oxford Pets annotations give each image a species (1 = cat, 2 = dog) and a breed id
+# counted within its species; the cat breeds are the capitalised ones in the file names.
+_OXFORD_PETS_CATS = frozenset(
+    {
+        "Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau",
+        "Maine_Coon", "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx",
+    }
+)  # fmt: skip
+
+
+def generate_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    images_per_class: int = 40,
+    image_size: int = 32,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> Path:
+    """Write a procedural copy of catalog entry ``name`` under ``root``; return its folder.
+
+    ``num_classes`` keeps the first N classes of the entry (labels 0..N-1). The folder is
+    built under a temporary name and renamed into place, so a reader never sees half a
+    dataset and concurrent callers (several trials starting at once) do not clash. If the
+    folder already exists and was generated with the same arguments it is reused as is;
+    any other existing folder (different arguments, or real data) raises
+    ``FileExistsError`` — the generator never deletes or overwrites a dataset.
+    """
+    entry = get_entry(name)
+    n_classes = len(entry.class_folders) if num_classes is None else num_classes
+    if not 1 <= n_classes <= len(entry.class_folders):
+        raise ValueError(
+            f"num_classes must be between 1 and {len(entry.class_folders)} for {name!r}, got {num_classes}"
+        )
+    if images_per_class < MIN_IMAGES_PER_CLASS:
+        raise ValueError(
+            f"images_per_class must be at least {MIN_IMAGES_PER_CLASS} so that the 50/20/30 "
+            f"train/val/test split leaves no split empty, got {images_per_class}"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    params: dict[str, Any] = {
+        "generator": "vlprompt.datasets.generate",
+        "version": 1,
+        "name": entry.name,
+        "images_per_class": images_per_class,
+        "image_size": image_size,
+        "seed": seed,
+        "num_classes": n_classes,
+    }
+    root = Path(root)
+    final = root / entry.folder
+    if final.exists():
+        return _reuse(final, params)
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{entry.folder}.partial-", dir=root))
+    try:
+        os.chmod(partial, 0o755)  # mkdtemp makes it private; the dataset should not be
+        _write(entry, partial, params)
+        try:
+            partial.rename(final)
+        except OSError:
+            if final.exists():  # another process finished first
+                return _reuse(final, params)
+            raise
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return final
+
+
+def _reuse(folder: Path, params: dict[str, Any]) -> Path:
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        raise FileExistsError(
+            f"{folder} exists and was not written by the generator (no {MARKER_FILE}); "
+            f"refusing to touch it. Use another root or remove the folder yourself."
+        )
+    found = json.loads(marker.read_text(encoding="utf-8"))
+    if found != params:
+        raise FileExistsError(
+            f"{folder} was generated with {found}, not {params}; remove it or use another root"
+        )
+    return folder
+
+
+def split_counts(images_per_class: int) -> tuple[int, int, int]:
+    """(train, val, test) images per class for the 50/20/30 split."""
+    n_train = round(images_per_class * TRAIN_FRACTION)
+    n_val = round(images_per_class * VAL_FRACTION)
+    return n_train, n_val, images_per_class - n_train - n_val
+
+
+def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:
+    image_root = folder / entry.image_dir
+    n_train, n_val, _ = split_counts(params["images_per_class"])
+    rows: dict[str, list[Row]] = {split: [] for split in SPLIT_NAMES}
+    for label in range(params["num_classes"]):
+        for index in range(params["images_per_class"]):
+            rel = entry.path_pattern.format(cls=entry.class_folders[label], n=index + 1)
+            rng = np.random.default_rng([params["seed"], label, index])
+            image = render(entry.styles[label], params["image_size"], rng)
+            _save(image, image_root / rel)
+            split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
+            rows[split].append((rel, label, entry.classnames[label]))
+    write_split_file(folder / entry.split_file, rows)
+    writer = _ANNOTATION_WRITERS.get(entry.annotations)
+    if entry.annotations and writer is None:
+        raise ValueError(f"catalog entry {entry.name!r}: no writer for annotations {entry.annotations!r}")
+    if writer is not None:
+        writer(entry, folder, rows)
+    text = json.dumps(params, indent=2, sort_keys=True)
+    (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        image.save(path, format="JPEG", quality=95)
+    else:
+        image.save(path)
+
+
+def render(style: tuple[str, str], size: int, rng: np.random.Generator) -> Image.Image:
+    """One ``size``×``size`` RGB image: a jittered ``(colour, shape)`` on a noisy grey ground."""
+    colour, shape = style
+    grey = int(rng.integers(70, 140))
+    noise = rng.integers(-20, 21, size=(size, size, 1)) + rng.integers(-8, 9, size=(size, size, 3))
+    image = Image.fromarray(np.clip(grey + noise, 0, 255).astype(np.uint8), "RGB")
+    fill = tuple(int(v) for v in np.clip(np.array(RGB[colour]) + rng.integers(-20, 21, size=3), 0, 255))
+    r = float(size * rng.uniform(0.22, 0.34))
+    cx, cy = (float(v) for v in rng.uniform(r, size - r, size=2))
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.85 * r
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    elif shape == "cross":
+        t = 0.3 * r
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return image
+
+
+def _write_oxford_pets_annotations(entry: CatalogEntry, folder: Path, rows: dict[str, list[Row]]) -> None:
+    """``annotations/{trainval,test}.txt``: "<image stem> <class id 1-based> <species> <breed id>"."""
+    species_of = {b: 1 if b in _OXFORD_PETS_CATS else 2 for b in entry.class_folders}
+    breed_id: dict[str, int] = {}
+    for species in (1, 2):
+        same = [b for b in entry.class_folders if species_of[b] == species]
+        breed_id.update({b: i + 1 for i, b in enumerate(same)})
+    out = folder / "annotations"
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, splits in (("trainval.txt", ("train", "val")), ("test.txt", ("test",))):
+        listed = sorted((row for split in splits for row in rows[split]), key=lambda row: row[1])
+        lines = []
+        for rel, label, _ in listed:  # class by class, as in the real lists
+            breed = entry.class_folders[label]
+            lines.append(f"{Path(rel).stem} {label + 1} {species_of[breed]} {breed_id[breed]}\n")
+        (out / filename).write_text("".join(lines), encoding="utf-8")
+
+
+_ANNOTATION_WRITERS = {
+    "oxford_pets": _write_oxford_pets_annotations,
+}

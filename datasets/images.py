@@ -1,0 +1,76 @@
+"""Turning ``Datum`` items into tensors: a map-style torch ``Dataset`` and the CoOp transforms.
+
+The transforms are the Dassl/CoOp ones (``reference/METHODS.md`` §0 "Transforms"); the
+caller passes the backbone's own input size, mean and std so a non-224 or non-OpenAI
+backbone gets matching preprocessing. Their ``repr`` lists every step and parameter, so
+the orchestrator can log the exact transform with each run (transform drift silently moved
+results in CoOp #8, #26, #88).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from vlprompt.datasets.types import Datum
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB, fully decoded; a bad file raises ``OSError`` naming it.
+
+    Decoding here (``convert`` forces it) instead of lazily inside a transform means a
+    truncated or corrupt file fails with its path rather than deep inside a worker.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
+class ImageDataset(Dataset):
+    """``(transform(image), label)`` for each ``Datum``, in the given order."""
+
+    def __init__(self, items: Sequence[Datum], transform: Callable[[Image.Image], Any]):
+        self.items = tuple(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.items[index]
+        return self.transform(load_image(item.path)), item.label
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """RandomResizedCrop(scale 0.08-1, bicubic) → horizontal flip → tensor → normalise (Dassl)."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+def test_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Resize the shorter side (bicubic) → centre crop → tensor → normalise (Dassl test)."""
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
+# The name starts with "test_": stop pytest from collecting it as a test wherever a test
+# module imports it.
+test_transform.__test__ = False  # type: ignore[attr-defined]

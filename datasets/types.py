@@ -1,0 +1,57 @@
+"""The two values every other layer receives from ``vlprompt.datasets``.
+
+Both are frozen dataclasses of tuples so that a split, once read, cannot be changed behind
+the back of the code that fingerprinted it (``split_fingerprint``): few-shot sampling and
+the base/novel class split return *new* values instead of editing lists in place, which is
+how Dassl's ``DatasetBase`` lets a cached split and the trained-on split drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+"""The splits a CoOp split file holds, in the order they are written, read and hashed."""
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One labelled image.
+
+    ``classname`` is the name as it goes into a prompt (CoOp's ``name.replace("_", " ")``
+    already applied, EuroSAT's renamed classes such as "Annual Crop Land"), so methods
+    never have to know a dataset's naming quirks.
+    """
+
+    path: str  # absolute path on disk
+    label: int  # 0-based
+    classname: str
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A dataset's train/val/test items plus what prompts need: class names and a template.
+
+    ``image_root`` is the folder the split file's relative paths hang from. It lets
+    ``split_fingerprint`` hash paths relative to it, so the fingerprint of a split does not
+    change when the data root is moved or mounted elsewhere on another machine. It is
+    optional (``""``) for splits built by hand; their absolute paths are hashed instead.
+    """
+
+    name: str  # catalog key, e.g. "eurosat"
+    classnames: tuple[str, ...]  # index = label
+    template: str  # hand-crafted zero-shot template with one "{}"
+    train: tuple[Datum, ...]
+    val: tuple[Datum, ...]
+    test: tuple[Datum, ...]
+    image_root: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, which: str) -> tuple[Datum, ...]:
+        """The items of one split by name (``"train"``, ``"val"`` or ``"test"``)."""
+        if which not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {which!r}; expected one of {', '.join(SPLIT_NAMES)}")
+        return getattr(self, which)

@@ -1,0 +1,106 @@
+"""The one interface every prompt-learning method implements.
+
+The training/evaluation loop (``vlprompt.orchestrator.loop``) knows nothing about
+individual methods: it hands a :class:`Batch` to :meth:`Method.training_loss` while
+training and to :meth:`Method.predict` while evaluating. The shapes were chosen so
+that the methods still to come fit without special cases in that loop:
+
+* **multi-task** (SoftCPT): a method is built for a mapping ``task -> class names``;
+  every batch names its task, and logits/loss are over that task's classes only.
+* **distillation** (PromptKD): ``Batch.labels`` may be ``None`` (unlabelled images);
+  the method owns its frozen teacher and builds its own targets in ``training_loss``.
+* **test-time adaptation** (TPT, PromptSync): ``predict`` may adapt on each test
+  sample (with gradients it enables itself), predict, then reset; the loop never
+  wraps ``predict`` in ``torch.no_grad`` -- methods that do not adapt decorate their
+  own ``predict`` with it.
+* **cached features**: methods whose image tower stays frozen set
+  ``frozen_image_tower = True`` and then accept ``Batch.features`` (the backbone's
+  un-normalised image embeddings) in place of ``Batch.images``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vlprompt.methods.clip import Backbone
+
+
+@dataclass
+class Batch:
+    """One batch of one task.
+
+    Exactly one of ``images`` and ``features`` is set. ``images`` are already
+    transformed and normalised for the backbone; ``features`` are the backbone's
+    image embeddings (``Backbone.encode_image`` output, not L2-normalised).
+    """
+
+    task: str
+    images: Tensor | None = None
+    features: Tensor | None = None
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.features is None):
+            raise ValueError("Batch needs exactly one of `images` or `features`")
+
+    def __len__(self) -> int:
+        x = self.images if self.images is not None else self.features
+        assert x is not None
+        return int(x.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(self.task, move(self.images), move(self.features), move(self.labels))
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What the loop needs from a method (an ``nn.Module`` holding only its learnable parts
+    plus a reference to the frozen backbone)."""
+
+    #: True when the image tower is untouched, so cached image features are exact inputs.
+    frozen_image_tower: ClassVar[bool]
+    #: Keys of :meth:`learned_state` whose rows live in the token-embedding space and can
+    #: be decoded to their nearest vocabulary words (e.g. CoOp's ``ctx``).
+    token_space_keys: ClassVar[tuple[str, ...]]
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """Scalar loss for one batch (labels may be ``None`` for unsupervised methods)."""
+        ...
+
+    def predict(self, batch: Batch) -> Tensor:
+        """Logits ``(B, n_classes_of_task)`` for the batch's task."""
+        ...
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """The tensors worth saving: everything the method learned, nothing frozen."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry: the method's config dataclass and how to build it."""
+
+    config: type
+    build: Callable[[Backbone, Mapping[str, Sequence[str]], Any], nn.Module]
+    summary: str
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that receive gradients (the frozen backbone's never do)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def count_trainable(module: nn.Module) -> int:
+    """Exact number of trainable scalars, counted from the built module."""
+    return sum(p.numel() for p in trainable_parameters(module))

@@ -1,0 +1,377 @@
+"""The frozen CLIP backbone: an open_clip model wrapped, never forked.
+
+Every method receives one :class:`Backbone` and reads CLIP only through it. The wrapper
+exposes the generic pieces prompt learning needs -- tokenisation that refuses to cut,
+token embeddings, the text tower run from embeddings (with a per-layer hook and causal
+truncation), the image tower, the logit scale, nearest-word decoding -- and never asks
+which method is calling (the MaPLe/PromptKD ``clip/model.py`` forks are what we avoid,
+``/work/shared/STYLE.md``).
+
+Text tower from embeddings follows CoOp's ``TextEncoder`` (``reference/METHODS.md`` §0,
+``KaiyangZhou/CoOp trainers/coop.py``) and open_clip's ``CLIP.encode_text``::
+
+    x = prompts + positional_embedding; transformer (causal mask); ln_final;
+    x[arange, eot] @ text_projection
+
+Supported: open_clip ``CLIP`` and ``CustomTextCLIP`` models whose text tower is open_clip's
+own causal ``TextTransformer`` pooled at the end-of-text token (``pool_type="argmax"``,
+i.e. every OpenAI/LAION CLIP), tokenised by open_clip's ``SimpleTokenizer``.
+
+Tiny architectures for tests and laptops live in ``model_configs/`` as open_clip JSON and
+are registered with ``open_clip.add_model_config`` when this module is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import CLIP, CustomTextCLIP, get_input_dtype
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from torch import Tensor, nn
+
+#: open_clip JSON architectures shipped with vlprompt (``vlp-tiny`` for tests).
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+
+#: Called with (block index, hidden state ``(N, L, W)``) before each text block; returns
+#: the hidden state to feed the block, same shape (deep prompts replace tokens in place).
+LayerHook = Callable[[int, Tensor], Tensor]
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def register_model_configs() -> None:
+    """Make the JSON configs in :data:`MODEL_CONFIG_DIR` known to open_clip (idempotent)."""
+    known = set(open_clip.list_models())
+    if any(path.stem not in known for path in MODEL_CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+register_model_configs()
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        "/" in value
+        or os.sep in value
+        or value.startswith(("~", "."))
+        or value.endswith(_CHECKPOINT_SUFFIXES)
+    )
+
+
+def tag_needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether the weights of tag ``pretrained`` were trained with QuickGELU.
+
+    OpenAI's CLIP uses QuickGELU, but open_clip's ``ViT-B-16`` config builds nn.GELU and
+    only *warns* when ``openai`` weights are loaded into it -- silently worse features.
+    The tag's registry entry says which activation its weights need; we build that one.
+    (A local copy of OpenAI weights: use the ``*-quickgelu`` architecture names.)
+    """
+    if not pretrained:
+        return False
+    return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+
+
+def load_backbone(
+    model_name: str,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    text_chunk_size: int = 1000,
+) -> Backbone:
+    """Build an open_clip model, freeze it and wrap it.
+
+    Args:
+        model_name: open_clip architecture name, verbatim (``"ViT-B-16"``, ``"vlp-tiny"``).
+        pretrained: an open_clip pretrained tag for that architecture (``"openai"``; open_clip
+            downloads it), a path to a local checkpoint file (loaded by open_clip's own
+            ``load_checkpoint``), or ``None`` for random initialisation.
+        device: where the weights live.
+        precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``); methods keep
+            their own parameters in fp32 either way.
+        text_chunk_size: most prompts the text tower encodes at once (see
+            :meth:`Backbone.encode_text_embeddings`); bounds memory for 1000-class datasets.
+    """
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        examples = [n for n in ("RN50", "ViT-B-32", "ViT-B-16", "ViT-L-14", "vlp-tiny") if n in known]
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}.{hint} Known names include {', '.join(examples)} "
+            f"({len(known)} in all: open_clip.list_models()). "
+            f"To add an architecture, put its open_clip JSON config in {MODEL_CONFIG_DIR} "
+            "or call open_clip.add_model_config(path) before load_backbone."
+        )
+    checkpoint: str | None = None
+    if pretrained:
+        path = Path(pretrained).expanduser()
+        if open_clip.get_pretrained_cfg(model_name, pretrained):
+            checkpoint = pretrained  # a tag: open_clip resolves (and downloads) it
+        elif path.is_file():
+            checkpoint = str(path)
+        elif _looks_like_path(pretrained) or path.exists():
+            raise FileNotFoundError(
+                f"checkpoint file {str(path)!r} (pretrained= for {model_name}) does not exist "
+                "or is not a file"
+            )
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            raise ValueError(
+                f"{pretrained!r} is neither a pretrained tag of {model_name} nor an existing file. "
+                f"Tags for {model_name}: {', '.join(tags) if tags else '(none)'}; "
+                "use null for random initialisation."
+            )
+    model = open_clip.create_model(
+        model_name,
+        pretrained=checkpoint,
+        device=device,
+        precision=precision,
+        force_quick_gelu=tag_needs_quick_gelu(model_name, pretrained),
+    )
+    return Backbone(
+        model,
+        open_clip.get_tokenizer(model_name),
+        name=model_name,
+        precision=precision,
+        text_chunk_size=text_chunk_size,
+    )
+
+
+class Backbone(nn.Module):
+    """A frozen open_clip model plus its tokenizer and preprocessing facts.
+
+    All weights have ``requires_grad=False`` and the module never leaves eval mode (its
+    :meth:`train` is a no-op), so dropout-free, deterministic features come out whatever
+    the calling method does with its own mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: object,
+        *,
+        name: str = "",
+        precision: str = "fp32",
+        text_chunk_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.name = name or type(model).__name__
+        if isinstance(model, CLIP):
+            pool_type = model.text_pool_type
+        elif isinstance(model, CustomTextCLIP) and isinstance(model.text, TextTransformer):
+            pool_type = model.text.pool_type
+            if model.text.cls_emb is not None:
+                raise NotImplementedError(f"{self.name}: text towers with an appended class token (CoCa)")
+        else:
+            raise NotImplementedError(
+                f"{self.name}: only open_clip CLIP/CustomTextCLIP models with open_clip's TextTransformer "
+                f"are supported (got {type(model).__name__}; not HF text towers, CoCa or timm-only models)"
+            )
+        self.model = model
+        text = self._text
+        if pool_type != "argmax":
+            raise NotImplementedError(
+                f"{self.name}: text pool type {pool_type!r}; only 'argmax' (EOT) is supported"
+            )
+        if text.attn_mask is None:
+            raise NotImplementedError(
+                f"{self.name}: bidirectional text tower; soft prompts need a causal one"
+            )
+        if text.text_projection is None:
+            raise NotImplementedError(f"{self.name}: text tower without projection into the joint space")
+        if getattr(model, "logit_bias", None) is not None:
+            raise NotImplementedError(
+                f"{self.name}: sigmoid-loss models (logit_bias, SigLIP) are not supported"
+            )
+        if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
+            raise NotImplementedError(f"{self.name}: only open_clip's plain SimpleTokenizer is supported")
+        self.tokenizer: SimpleTokenizer = tokenizer
+        if text_chunk_size < 1:
+            raise ValueError(f"text_chunk_size must be >= 1, got {text_chunk_size}")
+        self.text_chunk_size = text_chunk_size
+
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg["size"]
+        if isinstance(size, Sequence):
+            if len(set(size)) != 1:
+                raise NotImplementedError(f"{self.name}: non-square input size {tuple(size)}")
+            size = size[0]
+        #: Input resolution (square), from the model's open_clip preprocess config.
+        self.image_size: int = int(size)
+        #: Normalisation mean/std the weights were trained with (open_clip preprocess config).
+        self.image_mean: tuple[float, ...] = tuple(float(v) for v in cfg["mean"])
+        self.image_std: tuple[float, ...] = tuple(float(v) for v in cfg["std"])
+        self._input_dtype = get_input_dtype(precision)
+
+        model.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Stay in eval mode whatever is asked: the backbone is frozen, dropout and all."""
+        return super().train(False)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def _text(self) -> nn.Module:
+        """The module holding the text tower's parts (the CLIP itself, or its ``.text``)."""
+        return self.model if isinstance(self.model, CLIP) else self.model.text
+
+    @property
+    def device(self) -> torch.device:
+        return self._text.token_embedding.weight.device
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint image-text space."""
+        proj = self._text.text_projection
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    @property
+    def text_width(self) -> int:
+        """Token-embedding dimension (CoOp's ``ctx_dim``: 512 for ViT-B/16)."""
+        return int(self._text.token_embedding.embedding_dim)
+
+    @property
+    def text_layers(self) -> int:
+        """Number of text transformer blocks (layer indices passed to a ``layer_hook``)."""
+        return len(self._text.transformer.resblocks)
+
+    @property
+    def context_length(self) -> int:
+        return int(self._text.positional_embedding.shape[0])
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's temperature, exponentiated (100 for the OpenAI weights), as a scalar tensor."""
+        return self.model.logit_scale.exp().float().reshape(())
+
+    # ------------------------------------------------------------------ text
+    def num_tokens(self, text: str) -> int:
+        """BPE tokens of ``text``, without the start/end-of-text tokens."""
+        return len(self.tokenizer.encode(text))
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids ``(N, context_length)`` on the backbone's device.
+
+        Raises ``ValueError`` naming the text when it does not fit, where open_clip would
+        silently cut it (and its end-of-text token would then mark a different word).
+        """
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a sequence of strings, not a single string")
+        limit = self.context_length
+        for text in texts:
+            n = self.num_tokens(text) + 2
+            if n > limit:
+                raise ValueError(
+                    f"text {text!r} is {n} tokens with its start/end tokens; {self.name} fits {limit}"
+                )
+        return self.tokenizer(list(texts), context_length=limit).to(self.device)
+
+    def token_embedding(self, ids: Tensor) -> Tensor:
+        """Token embeddings ``(N, L, W)`` of ids ``(N, L)``."""
+        return self._text.token_embedding(ids)
+
+    def eot_positions(self, ids: Tensor) -> Tensor:
+        """Index of the end-of-text token per row: the largest id (open_clip/CLIP ``argmax`` rule)."""
+        return ids.argmax(dim=-1)
+
+    def encode_text_embeddings(
+        self,
+        x: Tensor,
+        eot: Tensor,
+        *,
+        truncate: bool = True,
+        layer_hook: LayerHook | None = None,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """Text features ``(N, D)`` (not normalised) from token embeddings ``x`` ``(N, L, W)``.
+
+        Adds the positional embedding, runs the blocks one by one under the causal mask,
+        applies ``ln_final``, gathers at ``eot`` and projects -- open_clip's
+        ``encode_text`` without the embedding lookup, so soft prompts can be spliced in.
+
+        Args:
+            truncate: cut the sequence to ``max(eot) + 1`` positions. Exact, because the
+                text tower is causal: nothing after the end-of-text token reaches it.
+            layer_hook: called as ``hook(i, hidden)`` before block ``i`` with the
+                batch-first hidden state of the current chunk; returns the state to use.
+            chunk_size: encode at most this many rows at once (default: the backbone's
+                ``text_chunk_size``); the hook then sees one chunk's rows at a time.
+        """
+        if x.ndim != 3 or eot.shape != x.shape[:1]:
+            raise ValueError(
+                f"expected x (N, L, W) and eot (N,), got {tuple(x.shape)} and {tuple(eot.shape)}"
+            )
+        if x.shape[1] > self.context_length:
+            raise ValueError(f"{x.shape[1]} positions exceed the context length {self.context_length}")
+        size = chunk_size or self.text_chunk_size
+        if x.shape[0] <= size:
+            return self._encode_chunk(x, eot, truncate, layer_hook)
+        return torch.cat(
+            [
+                self._encode_chunk(xc, ec, truncate, layer_hook)
+                for xc, ec in zip(x.split(size), eot.split(size), strict=True)
+            ]
+        )
+
+    def _encode_chunk(self, x: Tensor, eot: Tensor, truncate: bool, layer_hook: LayerHook | None) -> Tensor:
+        text = self._text
+        transformer = text.transformer
+        length = int(eot.max()) + 1 if truncate else x.shape[1]
+        cast = transformer.get_cast_dtype()
+        h = x[:, :length].to(cast) + text.positional_embedding[:length].to(cast)
+        mask = text.attn_mask[:length, :length]
+        seq_first = not transformer.batch_first
+        if seq_first:
+            h = h.transpose(0, 1)  # NLD -> LND
+        for i, block in enumerate(transformer.resblocks):
+            if layer_hook is not None:
+                h = layer_hook(i, h.transpose(0, 1)).transpose(0, 1) if seq_first else layer_hook(i, h)
+            h = block(h, attn_mask=mask)
+        if seq_first:
+            h = h.transpose(0, 1)
+        h = text.ln_final(h)
+        pooled = h[torch.arange(h.shape[0], device=h.device), eot]
+        proj = text.text_projection
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        """Text features ``(N, D)`` (not normalised) of token ids, truncated and chunked."""
+        return self.encode_text_embeddings(self.token_embedding(ids), self.eot_positions(ids))
+
+    # ------------------------------------------------------------------ image
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Image features ``(N, D)`` (not normalised) of preprocessed images."""
+        if self._input_dtype is not None:
+            images = images.to(self._input_dtype)
+        return self.model.encode_image(images)
+
+    # ------------------------------------------------------------------ interpretation
+    @torch.no_grad()
+    def nearest_words(self, vectors: Tensor, k: int = 1) -> list[list[tuple[str, float]]]:
+        """The ``k`` vocabulary tokens nearest to each row of ``vectors`` ``(n, W)``.
+
+        Euclidean distance in the token-embedding space, as CoOp's ``interpret_prompt.py``;
+        returns ``[(word, distance), ...]`` per row, nearest first, ``</w>`` stripped.
+        """
+        if vectors.ndim != 2 or vectors.shape[1] != self.text_width:
+            raise ValueError(f"expected vectors (n, {self.text_width}), got {tuple(vectors.shape)}")
+        table = self._text.token_embedding.weight.double()
+        table_sq = table.square().sum(dim=1)
+        out: list[list[tuple[str, float]]] = []
+        for rows in vectors.detach().to(table.device, torch.float64).split(256):
+            # |v - e|^2 = |v|^2 + |e|^2 - 2 v.e, in float64 so an exact match reads ~0
+            d2 = rows.square().sum(dim=1, keepdim=True) + table_sq - 2 * rows @ table.T
+            dist, idx = d2.clamp_min(0).sqrt().topk(k, dim=1, largest=False)
+            for row_d, row_i in zip(dist.tolist(), idx.tolist(), strict=True):
+                out.append(
+                    [(self.tokenizer.decode([i]).strip(), d) for i, d in zip(row_i, row_d, strict=True)]
+                )
+        return out

@@ -1,0 +1,132 @@
+"""Maths and bookkeeping shared by several methods, as plain functions.
+
+Kept here once so that CoOp, CoCoOp, KgCoOp, SoftCPT ... do not each re-derive them (CoOp's
+``coop.py`` and ``cocoop.py`` share 212 copied lines; ``/work/shared/STYLE.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+
+
+def clean_classname(name: str) -> str:
+    """Class name as it goes into a prompt: ``"_"`` → ``" "`` (CoOp ``zsclip.py``/``coop.py``)."""
+    return name.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class TaskClasses:
+    """The classes of every task, concatenated in task order.
+
+    Methods keep one row per class of every task in a single tensor (text features,
+    prompt buffers); a batch of task ``t`` uses ``rows(t)`` -- so a single-task run and
+    a multi-task run (SoftCPT) share one code path.
+    """
+
+    names: tuple[str, ...]
+    """Cleaned class names (:func:`clean_classname`) of all tasks, task after task."""
+    spans: Mapping[str, tuple[int, int]]
+    """Task → ``(start, stop)`` rows in :attr:`names`."""
+
+    @classmethod
+    def of(cls, tasks: Mapping[str, Sequence[str]]) -> TaskClasses:
+        if not tasks:
+            raise ValueError("a method needs at least one task (task name -> class names)")
+        names: list[str] = []
+        spans: dict[str, tuple[int, int]] = {}
+        for task, classnames in tasks.items():
+            if isinstance(classnames, str) or not classnames:
+                raise ValueError(f"task {task!r} needs a non-empty list of class names, got {classnames!r}")
+            spans[task] = (len(names), len(names) + len(classnames))
+            names.extend(clean_classname(c) for c in classnames)
+        return cls(tuple(names), spans)
+
+    def task_of_row(self, row: int) -> str:
+        return next(task for task, (start, stop) in self.spans.items() if start <= row < stop)
+
+    def rows(self, task: str) -> slice:
+        """The rows of ``task``; ``ValueError`` listing the known tasks otherwise."""
+        if task not in self.spans:
+            raise ValueError(f"unknown task {task!r}; this method was built for {sorted(self.spans)}")
+        return slice(*self.spans[task])
+
+
+def hold_backbone(module: nn.Module, backbone: Backbone) -> None:
+    """Give ``module`` a plain reference ``module.backbone``, not a registered submodule.
+
+    So the method's ``parameters()``, ``state_dict()`` and ``.to()``/``.train()`` cover only
+    its own tensors: checkpoints hold what was learned, never a copy of CLIP.
+    """
+    object.__setattr__(module, "backbone", backbone)
+
+
+def init_context(
+    backbone: Backbone,
+    n_ctx: int,
+    ctx_init: str | None,
+    *,
+    n_rows: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, str]:
+    """Initial context vectors and the placeholder text they stand for (CoOp ``PromptLearner``).
+
+    * word init (``ctx_init`` set, ``"_"`` read as space): the token embeddings of the
+      init text without its start/end tokens -- ``n_ctx`` is then the number of those
+      tokens (the reference counts words; equal whenever each word is one token, as in
+      ``"a photo of a"``);
+    * random init: ``N(0, 0.02²)`` of shape ``(n_ctx, W)``, placeholder ``"X X ... X"``.
+
+    With ``n_rows`` (class-specific context) the shape is ``(n_rows, n_ctx, W)``, each row
+    a copy of the word init or an independent draw. Random draws happen on the CPU from
+    ``generator`` (default: torch's global RNG), so a seed gives the same vectors on any
+    device. Returns fp32 vectors on the backbone's device.
+    """
+    text = (ctx_init or "").replace("_", " ").strip()
+    if text:
+        ids = backbone.tokenize([text])
+        n = int(backbone.eot_positions(ids)[0]) - 1
+        with torch.no_grad():
+            vectors = backbone.token_embedding(ids)[0, 1 : 1 + n].float()
+        if n_rows is not None:
+            vectors = vectors.expand(n_rows, -1, -1)
+        return vectors.clone(), text
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1 for random context init, got {n_ctx}")
+    shape = (n_ctx, backbone.text_width) if n_rows is None else (n_rows, n_ctx, backbone.text_width)
+    vectors = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    return vectors.to(backbone.device), " ".join(["X"] * n_ctx)
+
+
+def image_features(backbone: Backbone, batch: Batch) -> Tensor:
+    """Image embeddings of a batch: ``batch.features`` when cached, else the frozen image tower.
+
+    Only for methods that leave the image tower alone (``frozen_image_tower``): no
+    gradient flows into it, so it runs under ``no_grad``.
+    """
+    if batch.features is not None:
+        return batch.features.to(backbone.device)
+    assert batch.images is not None
+    with torch.no_grad():
+        return backbone.encode_image(batch.images.to(backbone.device))
+
+
+def cosine_logits(image_feats: Tensor, text_feats: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """CLIP logits ``scale · norm(img) @ norm(txt)ᵀ`` ``(B, C)``, computed in fp32 (CLIP Eq. 1)."""
+    img = F.normalize(image_feats.float(), dim=-1)
+    txt = F.normalize(text_feats.float(), dim=-1)
+    return logit_scale * img @ txt.T
+
+
+def cross_entropy(logits: Tensor, labels: Tensor | None) -> Tensor:
+    """Mean cross-entropy over the batch (CoOp ``forward_backward``); labels are required."""
+    if labels is None:
+        raise ValueError("this method trains on labelled batches; Batch.labels is None")
+    return F.cross_entropy(logits.float(), labels.to(logits.device))

@@ -1,0 +1,106 @@
+"""Zero-shot CLIP (Radford et al., ICML 2021): classify by the text features of fixed prompts.
+
+The baseline every prompt-learning paper reports; matches CoOp's ``trainers/zsclip.py``
+``ZeroshotCLIP``: one hand-crafted template per dataset (``reference/METHODS.md`` §0
+"Hand-crafted templates"), class names with ``"_"`` → ``" "``, logits
+``logit_scale · cos(image, text)``. Nothing is learned; the text features are computed
+once at build time and kept as a buffer.
+
+Where the template comes from: the dataset catalog knows each dataset's hand-crafted
+template, the method does not. The orchestrator passes it as
+``build_method("zeroshot", ..., templates={task: template})``, which fills
+``ZeroShotConfig.templates`` unless the user set it; ``method.template`` set by the user
+overrides every task's template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import TaskClasses, cosine_logits, hold_backbone, image_features
+
+
+def _check_template(template: object, where: str) -> None:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(
+            f"{where} must be a string with exactly one '{{}}' for the class name, got {template!r}"
+        )
+
+
+@dataclass
+class ZeroShotConfig:
+    """Options of the zero-shot baseline."""
+
+    template: str | None = None
+    """One template for every task, e.g. ``"a photo of a {}."``; overrides ``templates``."""
+    templates: dict[str, str] = field(default_factory=dict)
+    """Task → template; filled by the orchestrator with each dataset's hand-crafted template."""
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            _check_template(self.template, "zeroshot template")
+        if not isinstance(self.templates, Mapping):
+            raise ValueError(f"zeroshot templates must map task -> template, got {self.templates!r}")
+        for task, template in self.templates.items():
+            _check_template(template, f"zeroshot templates[{task!r}]")
+
+    def template_for(self, task: str) -> str:
+        if self.template is not None:
+            return self.template
+        if task not in self.templates:
+            raise ValueError(
+                f"zeroshot: no template for task {task!r}; set method.template (e.g. 'a photo of a {{}}.') "
+                "or pass the dataset's template (build_method(..., templates={task: template}))"
+            )
+        return self.templates[task]
+
+
+class ZeroShotCLIP(nn.Module):
+    """Fixed text classifier per task; no trainable parameters."""
+
+    frozen_image_tower: ClassVar[bool] = True
+    token_space_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: Backbone, classes: TaskClasses, text_features: Tensor) -> None:
+        super().__init__()
+        hold_backbone(self, backbone)
+        self.classes = classes
+        self.register_buffer("text_features", text_features, persistent=False)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        text = self.text_features[self.classes.rows(batch.task)]
+        return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        raise RuntimeError(
+            "zeroshot has nothing to train (no parameters); evaluate it without training epochs"
+        )
+
+    def learned_state(self) -> dict[str, Tensor]:
+        return {}
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: ZeroShotConfig) -> ZeroShotCLIP:
+    """Encode ``template.format(class name)`` for every class of every task, once."""
+    classes = TaskClasses.of(tasks)
+    unknown = sorted(set(cfg.templates) - set(classes.spans))
+    if unknown and cfg.template is None:
+        raise ValueError(
+            f"zeroshot templates given for unknown tasks {unknown}; tasks are {sorted(classes.spans)}"
+        )
+    prompts = [
+        cfg.template_for(task).format(name)
+        for task, (start, stop) in classes.spans.items()
+        for name in classes.names[start:stop]
+    ]
+    with torch.no_grad():
+        text_features = backbone.encode_text(backbone.tokenize(prompts)).float()
+    return ZeroShotCLIP(backbone, classes, text_features)

@@ -1,0 +1,83 @@
+"""The sweep's search space: YAML data → Optuna define-by-run function and grid points.
+
+A space is a mapping ``"section.key" -> {choice: [values], when: {"other.key": value}}``.
+``when`` makes a parameter conditional (``method.n_ctx`` only when ``method.name`` is
+``coop``). Keys are turned into Optuna names with ``/`` (``method/n_ctx``), which Ray's
+``OptunaSearch`` nests back into ``config["method"]["n_ctx"]``.
+
+``sampler: grid`` visits every valid point exactly once: the points are enumerated here
+(conditions respected, so no duplicate zero-shot trials per ``n_ctx``) and enqueued
+into the Optuna study, whose define-by-run function then returns them one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Space = Mapping[str, Mapping[str, Any]]
+
+
+def optuna_name(key: str) -> str:
+    return key.replace(".", "/")
+
+
+def _active(spec: Mapping[str, Any], point: Mapping[str, Any]) -> bool:
+    return all(point.get(k) == v for k, v in (spec.get("when") or {}).items())
+
+
+def _ordered(space: Space) -> list[str]:
+    """Keys with every condition's key before the keys that depend on it."""
+    order: list[str] = []
+
+    def visit(key: str, stack: tuple[str, ...]) -> None:
+        if key in order:
+            return
+        if key in stack:
+            raise ValueError(f"sweep.space: circular `when` between {' -> '.join((*stack, key))}")
+        for dep in space[key].get("when") or {}:
+            visit(dep, (*stack, key))
+        order.append(key)
+
+    for key in space:
+        visit(key, ())
+    return order
+
+
+def define_by_run(space: Space) -> Callable[[Any], None]:
+    """An Optuna define-by-run function suggesting each active parameter as a categorical."""
+    order = _ordered(space)
+
+    def suggest(trial: Any) -> None:
+        point: dict[str, Any] = {}
+        for key in order:
+            spec = space[key]
+            if _active(spec, point):
+                point[key] = trial.suggest_categorical(optuna_name(key), list(spec["choice"]))
+
+    return suggest
+
+
+def grid_points(space: Space) -> list[dict[str, Any]]:
+    """Every combination of the active parameters, each once, in a stable order."""
+    order = _ordered(space)
+    points: list[dict[str, Any]] = [{}]
+    for key in order:
+        spec = space[key]
+        grown = []
+        for point in points:
+            if _active(spec, point):
+                grown.extend({**point, key: value} for value in spec["choice"])
+            else:
+                grown.append(point)
+        points = grown
+    unique = {tuple(sorted(p.items(), key=lambda kv: kv[0])): p for p in points}
+    return list(unique.values())
+
+
+def as_optuna_point(point: Mapping[str, Any]) -> dict[str, Any]:
+    return {optuna_name(k): v for k, v in point.items()}
+
+
+def grid_size(space: Space) -> int:
+    return len(grid_points(space)) if space else 1

@@ -1,0 +1,161 @@
+"""MLflow tracking: one parent run per sweep, one child run per trial.
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)`` and run ids, never
+through ``mlflow``'s process-global active run or ``set_experiment`` (which exports
+``MLFLOW_EXPERIMENT_ID`` and silently redirects runs made elsewhere in the process).
+
+Who talks to MLflow: the sweep driver (parent run), the Tune trial function (creates
+the child run, and marks it FINISHED or FAILED whatever happened to its workers), and
+rank 0 of the Train workers (params, metrics, artifacts). Other ranks never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create (once, in the driver) or find the experiment; returns its id.
+
+    A fresh SQLite store migrates its schema on first use, and concurrent first writers
+    race: doing it here, before any trial starts, avoids that.
+    """
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name)
+
+
+def start_run(
+    uri: str,
+    experiment_id: str,
+    name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client(uri).create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, error: BaseException | str | None = None) -> None:
+    """End a run FINISHED, or FAILED with the error message as a tag and ``error.txt``."""
+    c = client(uri)
+    if error is None:
+        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return
+    if isinstance(error, BaseException):
+        text = "".join(traceback.format_exception(error))
+        message = f"{type(error).__name__}: {error}"
+    else:
+        text = message = error
+    try:
+        c.set_tag(run_id, "error", message[:5000])
+        c.log_text(run_id, text, "error.txt")
+    finally:
+        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def fail_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
+    """Mark children still RUNNING (their trial process died before it could) as FAILED."""
+    c = client(uri)
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        finish_run(uri, run.info.run_id, reason)
+    return len(runs)
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log a flat mapping as params (values stringified, in batches of 100)."""
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    c = client(uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text[:6000]
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    if items:
+        client(uri).log_batch(run_id, metrics=items)
+
+
+def log_artifact_files(uri: str, run_id: str, files: Mapping[str, bytes | str], artifact_path: str) -> None:
+    """Write ``{file name: content}`` to a temp folder and log it under ``artifact_path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            target = Path(tmp) / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        client(uri).log_artifacts(run_id, tmp, artifact_path)
+
+
+@cache
+def code_version() -> dict[str, str]:
+    """Package version, git commit (when the source is a checkout) and a hash of the source.
+
+    ``ray job submit`` uploads the working directory without ``.git``, so the source
+    hash is what identifies the code in every case.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("vlprompt")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    digest = hashlib.sha256()
+    for folder in ("methods", "datasets", "orchestrator", "experiments"):
+        for path in sorted((_SOURCE_ROOT / folder).rglob("*")):
+            if path.suffix in {".py", ".yaml", ".json"} and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(_SOURCE_ROOT)).encode())
+                digest.update(path.read_bytes())
+    info = {"vlprompt_version": pkg, "source_sha256": digest.hexdigest()[:16]}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(_SOURCE_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(_SOURCE_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        info["git_commit"] = commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    return info

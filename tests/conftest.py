@@ -1,0 +1,218 @@
+"""Suite-wide settings and the real servers the integration tests need.
+
+Everything a test starts it stops by process group (never ``ray stop``, which would hit
+every Ray process on the machine), and every server listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Ray resolves "localhost" to the machine's network address unless told it runs as a
+# single-machine cluster; keep all of the tests' Ray traffic on 127.0.0.1.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)  # unit tests must never attach to someone's cluster
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL whatever is left of it."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            if not _group_alive(pgid):
+                proc.poll()
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # zombies keep the group "alive" until reaped; count only live members
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    last: Exception | None = None
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            if check():
+                return
+        except Exception as err:
+            last = err
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not come up in {timeout:.0f}s (last error: {last!r})\n{tail}")
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` over HTTP on loopback, SQLite backend, local artifact store."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+            120,
+            "mlflow server",
+            proc,
+            log,
+        )
+        yield MlflowServer(uri, proc)
+    finally:
+        stop_group(proc)
+
+
+@dataclass
+class RayHead:
+    dashboard: str  # Jobs API address
+    env: dict[str, str]  # environment for `ray job submit`
+    proc: subprocess.Popen
+    temp_dir: Path
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[RayHead]:
+    """A real ``ray start --head`` on loopback with token auth on, every port our own."""
+    temp_dir = Path(f"/tmp/vlp-ray-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
+    temp_dir.mkdir(exist_ok=True)
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "node-manager-port",
+            "object-manager-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
+    }
+    worker_lo = 20000 + (os.getpid() % 200) * 100
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+        "--min-worker-port",
+        str(worker_lo),
+        "--max-worker-port",
+        str(worker_lo + 99),
+    ]
+    cmd += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    submit_env = {**env, "RAY_ADDRESS": dashboard}
+
+    def jobs_api_ready() -> bool:
+        done = subprocess.run(
+            [str(BIN / "ray"), "job", "list"], env=submit_env, capture_output=True, timeout=60
+        )
+        return done.returncode == 0
+
+    try:
+        wait_for(jobs_api_ready, 180, "ray head (Jobs API)", proc, log)
+        yield RayHead(dashboard, submit_env, proc, temp_dir)
+    finally:
+        stop_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process Ray instance shared by one test module (Tune/Train integration tests)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

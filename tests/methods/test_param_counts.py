@@ -1,0 +1,35 @@
+"""Exact trainable-parameter counts on ViT-B/16 (``reference/METHODS.md`` §1 and §11).
+
+A random-init ``ViT-B-16`` (open_clip's built-in config, nothing downloaded) has the real
+shapes; counting needs no weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vlprompt.methods import build_method
+from vlprompt.methods.base import count_trainable
+from vlprompt.methods.clip import Backbone, load_backbone
+
+TASKS = {"pets": ["abyssinian", "beagle"]}
+
+
+@pytest.fixture(scope="module")
+def vit_b16() -> Backbone:
+    return load_backbone("ViT-B-16", None)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("coop", {"n_ctx": 16}, 8_192),
+        ("coop", {"n_ctx": 4}, 2_048),
+        ("coop", {"ctx_init": "a photo of a"}, 2_048),
+        ("coop", {"n_ctx": 16, "csc": True}, 2 * 16 * 512),
+        ("zeroshot", {"template": "a photo of a {}."}, 0),
+    ],
+)
+def test_trainable_parameters_vit_b16(vit_b16: Backbone, name: str, options: dict, expected: int) -> None:
+    assert vit_b16.text_width == 512 and vit_b16.embed_dim == 512
+    assert count_trainable(build_method(name, vit_b16, TASKS, options)) == expected

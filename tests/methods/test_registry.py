@@ -1,0 +1,64 @@
+"""The method registry: explicit names, config validation, and the package's layering."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import vlprompt.methods as methods_pkg
+from vlprompt.methods import METHODS, build_method, get_method, method_config, method_option_names
+from vlprompt.methods.base import Method
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.coop import CoOpConfig
+
+
+def test_registry_names() -> None:
+    assert sorted(METHODS) == ["coop", "zeroshot"]
+    assert get_method("coop").config is CoOpConfig
+    assert method_option_names("coop") == ("n_ctx", "ctx_init", "class_token_position", "csc")
+    assert method_option_names("zeroshot") == ("template", "templates")
+
+
+def test_unknown_method_lists_names_and_suggests() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown method 'coopp' \(did you mean 'coop'\?\); known methods: coop, zeroshot"
+    ):
+        get_method("coopp")
+
+
+def test_unknown_option_names_key_and_valid_ones() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option 'n_ctxx' for method 'coop' \(did you mean 'n_ctx'\?\).*"
+        r"valid options: n_ctx, ctx_init, class_token_position, csc",
+    ):
+        method_config("coop", {"n_ctxx": 4})
+    with pytest.raises(ValueError, match="class_token_position"):
+        method_config("coop", {"class_token_position": "start"})
+    assert method_config("coop", {"n_ctx": 4, "csc": True}) == CoOpConfig(n_ctx=4, csc=True)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_builds_and_follows_the_protocol(tiny: Backbone, name: str) -> None:
+    method = build_method(name, tiny, {"t": ["cat", "dog"]}, {}, templates={"t": "a photo of a {}."})
+    assert isinstance(method, Method)
+    assert method.frozen_image_tower is True
+    assert not any(p is q for p in method.parameters() for q in tiny.parameters())  # backbone not owned
+    assert set(method.learned_state()) <= set(method.state_dict())
+
+
+def test_methods_package_stays_plain_pytorch() -> None:
+    """No Ray, MLflow, Optuna or OmegaConf in methods/ (STYLE.md, layers)."""
+    forbidden = {"ray", "mlflow", "optuna", "omegaconf"}
+    root = Path(methods_pkg.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & forbidden, f"{path.name} imports {names}"

@@ -1,0 +1,83 @@
+"""Configs: defaults → preset → overrides, validated with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from vlprompt.orchestrator.config import (
+    PRESET_DIR,
+    ConfigError,
+    load_config,
+    project_method,
+    resolve_paths,
+    tracking_uri,
+)
+
+PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
+TEST_PRESETS = sorted((Path(__file__).parents[1] / "assets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS + TEST_PRESETS, ids=lambda p: p.stem)
+def test_every_preset_validates_without_building_anything(preset):
+    cfg = load_config(str(preset))
+    assert cfg.name
+    assert OmegaConf.is_readonly(cfg)
+
+
+def test_overrides_apply_in_order():
+    cfg = load_config("quickstart", ["method.n_ctx=8", "data.shots=2", "train.epochs=3"])
+    assert (cfg.method.n_ctx, cfg.data.shots, cfg.train.epochs) == (8, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.shotz=4"], "data.shotz"),
+        (["trian.epochs=4"], "trian"),
+        (["method.n_ctxx=4"], "n_ctxx"),
+        (["method.name=coopp"], "coop"),  # did-you-mean
+        (["data.protocol=transductive"], "data.protocol"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.epochs=ten"], "train.epochs"),
+        (["sweep.space={data.shotz: {choice: [1]}}"], "data.shotz"),
+        (["sweep.space={data.shots: [1, 2]}"], "choice"),
+        (["data.shots"], "section.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config("quickstart", overrides)
+
+
+def test_switching_method_drops_the_previous_methods_options():
+    cfg = load_config("quickstart", ["method.name=zeroshot"])
+    assert "n_ctx" not in cfg.method
+    assert project_method({"name": "coop", "n_ctx": 4, "ctx_init": "a"}, "zeroshot") == {"name": "zeroshot"}
+    assert project_method({"name": "coop", "n_ctx": 4}, "coop") == {"name": "coop", "n_ctx": 4}
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config("quikstart")
+
+
+def test_paths_become_absolute_before_ray(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = resolve_paths(load_config("quickstart", ["model.pretrained=ckpt/model.pt"]), tmp_path)
+    assert cfg.data.root == str(tmp_path / "data")
+    assert cfg.sweep.storage_path == str(tmp_path / "ray_results")
+    assert cfg.model.pretrained == str(tmp_path / "ckpt" / "model.pt")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert cfg.sweep.name == "quickstart"
+    # an open_clip tag is not a path
+    assert resolve_paths(load_config("coop_fewshot"), tmp_path).model.pretrained == "openai"
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
+    assert tracking_uri("sqlite:///runs/x.db", tmp_path) == f"sqlite:///{tmp_path}/runs/x.db"
+    assert tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"

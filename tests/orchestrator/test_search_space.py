@@ -1,0 +1,49 @@
+"""Search spaces are data; grid points respect conditions and appear once each."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from vlprompt.orchestrator.search_space import as_optuna_point, define_by_run, grid_points
+
+SPACE = {
+    "method.name": {"choice": ["zeroshot", "coop"]},
+    "method.n_ctx": {"choice": [4, 16], "when": {"method.name": "coop"}},
+    "data.shots": {"choice": [1, 4]},
+    "seed": {"choice": [1, 2, 3]},
+}
+
+
+def test_grid_skips_inactive_parameters_without_duplicates():
+    points = grid_points(SPACE)
+    zeroshot = [p for p in points if p["method.name"] == "zeroshot"]
+    coop = [p for p in points if p["method.name"] == "coop"]
+    assert len(zeroshot) == 2 * 3 and all("method.n_ctx" not in p for p in zeroshot)
+    assert len(coop) == 2 * 2 * 3
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points) == 18
+
+
+def test_condition_declared_after_its_dependant_still_orders_right():
+    space = {"b": {"choice": [1, 2], "when": {"a": "x"}}, "a": {"choice": ["x", "y"]}}
+    assert grid_points(space) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}, {"a": "y"}]
+
+
+def test_circular_conditions_are_named():
+    with pytest.raises(ValueError, match="circular"):
+        grid_points({"a": {"choice": [1], "when": {"b": 1}}, "b": {"choice": [1], "when": {"a": 1}}})
+
+
+def test_optuna_replays_enqueued_grid_points_in_order():
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    points = grid_points(SPACE)
+    for p in points:
+        study.enqueue_trial(as_optuna_point(p))
+    suggest = define_by_run(SPACE)
+    seen = []
+    for _ in points:
+        trial = study.ask()
+        suggest(trial)
+        seen.append({k.replace("/", "."): v for k, v in trial.params.items()})
+        study.tell(trial, 0.0)
+    assert seen == points

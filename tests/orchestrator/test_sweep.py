@@ -1,0 +1,70 @@
+"""A real Tune + Optuna sweep over Ray Train trials (in-process Ray), tracked in MLflow.
+
+One trial succeeds and one fails on purpose (more shots than the classes have images):
+the failure must end FAILED with its message, the sweep must go on, and the parent run
+must say which trial failed — nothing left RUNNING.
+"""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vlprompt.orchestrator.config import load_config
+from vlprompt.orchestrator.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={tmp_path / 'data'}",
+            "train.epochs=2",
+            "method.name=coop",
+            "sweep.space={data.shots: {choice: [2, 500]}}",
+            "sweep.name=unit-sweep",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            "tracking.experiment=unit",
+        ],
+    )
+    outcome = run_sweep(cfg, launch_dir=tmp_path)
+    assert len(outcome.rows) == 2
+    ok = [r for r in outcome.rows if not r.get("error")]
+    failed = outcome.failed
+    assert len(ok) == 1 and ok[0]["shots"] == 2 and 0 <= ok[0]["test_acc"] <= 100
+    assert len(failed) == 1 and "500" in failed[0]["error"]
+
+    client = MlflowClient(outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FAILED"
+    assert "1 of 2 trials failed" in parent.data.tags["error"]
+    children = client.search_runs(
+        [outcome.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
+    )
+    status = {c.data.params.get("data.shots", c.info.run_name): c.info.status for c in children}
+    assert sorted(status.values()) == ["FAILED", "FINISHED"]
+    bad = next(c for c in children if c.info.status == "FAILED")
+    assert "500" in bad.data.tags["error"]
+    good = next(c for c in children if c.info.status == "FINISHED")
+    assert good.data.metrics["ray_overhead_s"] >= 0
+    assert good.data.metrics["time_trial_s"] > good.data.metrics["time_worker_s"]
+
+    # a second launch with the same name never writes into the first sweep's folder
+    again = run_sweep(
+        load_config(
+            "quickstart",
+            [
+                f"data.root={tmp_path / 'data'}",
+                "train.epochs=1",
+                "method.name=zeroshot",
+                "sweep.space={}",
+                "sweep.name=unit-sweep",
+                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                "tracking.experiment=unit",
+            ],
+        ),
+        launch_dir=tmp_path,
+    )
+    assert again.name == "unit-sweep-2" and len(again.rows) == 1 and not again.failed
