@@ -10,6 +10,7 @@ switches the method name.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -185,7 +186,28 @@ def validate(cfg: DictConfig) -> None:
     if cfg.resources.cpus_per_worker <= 0:
         raise ConfigError("resources.cpus_per_worker must be > 0")
     method_section(cfg.method)  # raises on unknown method / keys
+    _validate_names(cfg)
     _validate_space(cfg)
+
+
+def _validate_names(cfg: DictConfig) -> None:
+    """Dataset and model names, checked against the catalog and open_clip's registry."""
+    import open_clip
+
+    from vlprompt.datasets import get_entry
+    from vlprompt.methods import clip  # noqa: F401 - registers vlprompt's model configs
+
+    try:
+        get_entry(cfg.data.dataset)
+    except ValueError as err:
+        raise ConfigError(f"data.dataset: {err}") from None
+    if cfg.model.name not in open_clip.list_models():
+        close = difflib.get_close_matches(cfg.model.name, open_clip.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is not an open_clip model config.{hint} "
+            "open_clip.list_models() lists them; vlprompt adds methods/model_configs/*.json."
+        )
 
 
 def method_section(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

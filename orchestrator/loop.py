@@ -241,8 +241,9 @@ def evaluate(method: nn.Module, source: _Source, task: str, cfg: DictConfig, ctx
 def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = None) -> dict[str, float]:
     """One complete run on this worker; returns the final metrics (identical on every rank).
 
-    ``report(metrics, checkpoint_dir)`` is called after each epoch (checkpoint_dir None)
-    and once at the end with a folder holding the learned state.
+    ``report(metrics, checkpoint_dir)`` is called once, at the end, with the final metrics and
+    (on rank 0) a folder holding the learned state. Per-epoch numbers go to MLflow and stdout
+    only: Tune rejects intermediate results that lack the sweep metric.
     """
     t_start = time.perf_counter()
     if cfg.train.batch_size < ctx.world_size:
@@ -327,8 +328,12 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
             stats["lr"] = lr
             if log:
                 tracking.log_metrics(uri, run_id, stats, step=epoch)
-            if report is not None:
-                report({**stats, "epoch": epoch}, None)
+            if ctx.is_main:
+                print(
+                    f"[vlprompt] {method_name} {task} seed {cfg.seed}: epoch {epoch + 1}/{cfg.train.epochs} "
+                    f"loss {stats['train_loss']:.4f} lr {lr:.2e}",
+                    flush=True,
+                )
     t_train = time.perf_counter()
 
     method.eval()
@@ -406,7 +411,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     cfg = OmegaConf.create({k: v for k, v in config.items() if not k.startswith("_")})
-    threads = max(1, int(cfg.resources.cpus_per_worker))
+    threads = max(1, round(cfg.resources.cpus_per_worker))
     torch.set_num_threads(threads)
     if cfg.train.device == "cpu":
         device = torch.device("cpu")

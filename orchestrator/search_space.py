@@ -12,7 +12,7 @@ into the Optuna study, whose define-by-run function then returns them one by one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 Space = Mapping[str, Mapping[str, Any]]
@@ -44,18 +44,23 @@ def _ordered(space: Space) -> list[str]:
     return order
 
 
-def define_by_run(space: Space) -> Callable[[Any], None]:
-    """An Optuna define-by-run function suggesting each active parameter as a categorical."""
-    order = _ordered(space)
+class DefineByRun:
+    """An Optuna define-by-run function suggesting each active parameter as a categorical.
 
-    def suggest(trial: Any) -> None:
+    A class rather than a closure: Tune pickles the searcher (with this function) into
+    its experiment checkpoint, which is what lets ``--resume`` continue a sweep.
+    """
+
+    def __init__(self, space: Space):
+        self.space = {k: dict(v) for k, v in space.items()}
+        self.order = _ordered(self.space)
+
+    def __call__(self, trial: Any) -> None:
         point: dict[str, Any] = {}
-        for key in order:
-            spec = space[key]
+        for key in self.order:
+            spec = self.space[key]
             if _active(spec, point):
                 point[key] = trial.suggest_categorical(optuna_name(key), list(spec["choice"]))
-
-    return suggest
 
 
 def grid_points(space: Space) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from vlprompt.orchestrator.config import (
     validate,
 )
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
-from vlprompt.orchestrator.search_space import as_optuna_point, define_by_run, grid_points
+from vlprompt.orchestrator.search_space import DefineByRun, as_optuna_point, grid_points
 
 
 @dataclass
@@ -195,7 +195,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     search_alg = None
     if space:
         searcher = OptunaSearch(
-            space=define_by_run(space),
+            space=DefineByRun(space),
             metric=cfg.sweep.metric,
             mode=cfg.sweep.mode,
             points_to_evaluate=[as_optuna_point(p) for p in points] or None,

@@ -45,6 +45,8 @@ def test_overrides_apply_in_order():
         (["sweep.space={data.shotz: {choice: [1]}}"], "data.shotz"),
         (["sweep.space={data.shots: [1, 2]}"], "choice"),
         (["data.shots"], "section.key=value"),
+        (["data.dataset=eurosatt"], "eurosat"),
+        (["model.name=ViT-B-61"], "ViT-B-16"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from vlprompt.orchestrator.search_space import as_optuna_point, define_by_run, grid_points
+from vlprompt.orchestrator.search_space import DefineByRun, as_optuna_point, grid_points
 
 SPACE = {
     "method.name": {"choice": ["zeroshot", "coop"]},
@@ -39,7 +39,7 @@ def test_optuna_replays_enqueued_grid_points_in_order():
     points = grid_points(SPACE)
     for p in points:
         study.enqueue_trial(as_optuna_point(p))
-    suggest = define_by_run(SPACE)
+    suggest = DefineByRun(SPACE)
     seen = []
     for _ in points:
         trial = study.ask()
