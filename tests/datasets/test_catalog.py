@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import math
-from pathlib import Path
 
 import pytest
 
@@ -101,23 +99,6 @@ def test_bad_entry_is_rejected() -> None:
         vds.CatalogEntry(**{**entry.__dict__, "template": "a photo of {} {}."})
     with pytest.raises(ValueError, match="must be equal"):
         vds.CatalogEntry(**{**entry.__dict__, "classnames": entry.classnames[:-1]})
-
-
-def test_no_orchestration_imports_in_datasets() -> None:
-    """datasets/ stays plain PyTorch: no Ray, MLflow, Optuna or OmegaConf (STYLE.md §2)."""
-    folder = Path(vds.__file__).parent
-    forbidden = {"ray", "mlflow", "optuna", "omegaconf", "pickle"}
-    found = []
-    for path in sorted(folder.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            found += [(path.name, n) for n in names if n.split(".")[0] in forbidden]
-    assert found == []
 
 
 def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:

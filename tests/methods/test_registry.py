@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-import vlprompt.methods as methods_pkg
 from vlprompt.methods import METHODS, build_method, get_method, method_config, method_option_names
 from vlprompt.methods.base import Method
 from vlprompt.methods.clip import Backbone
@@ -47,18 +43,3 @@ def test_every_method_builds_and_follows_the_protocol(tiny: Backbone, name: str)
     assert method.frozen_image_tower is True
     assert not any(p is q for p in method.parameters() for q in tiny.parameters())  # backbone not owned
     assert set(method.learned_state()) <= set(method.state_dict())
-
-
-def test_methods_package_stays_plain_pytorch() -> None:
-    """No Ray, MLflow, Optuna or OmegaConf in methods/ (STYLE.md, layers)."""
-    forbidden = {"ray", "mlflow", "optuna", "omegaconf"}
-    root = Path(methods_pkg.__file__).parent
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            assert not {n.split(".")[0] for n in names} & forbidden, f"{path.name} imports {names}"
