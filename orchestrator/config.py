@@ -171,6 +171,12 @@ _CHOICES = {
 }
 
 
+_PROTOCOL_METRICS = {
+    "few_shot": ("test_acc", "val_acc"),
+    "base_to_novel": ("test_acc", "val_acc", "base_acc", "novel_acc", "hm"),
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values the types cannot: choices, ranges, the method section, the sweep space."""
     for key, allowed in _CHOICES.items():
@@ -185,6 +191,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.warmup_epochs must be between 0 and train.epochs")
     if cfg.resources.cpus_per_worker <= 0:
         raise ConfigError("resources.cpus_per_worker must be > 0")
+    metrics = _PROTOCOL_METRICS[cfg.data.protocol]
+    if cfg.sweep.metric not in metrics:
+        raise ConfigError(
+            f"sweep.metric={cfg.sweep.metric!r}: protocol {cfg.data.protocol} reports {', '.join(metrics)}"
+        )
     method_section(cfg.method)  # raises on unknown method / keys
     _validate_names(cfg)
     _validate_space(cfg)

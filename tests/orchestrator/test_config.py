@@ -47,6 +47,7 @@ def test_overrides_apply_in_order():
         (["data.shots"], "section.key=value"),
         (["data.dataset=eurosatt"], "eurosat"),
         (["model.name=ViT-B-61"], "ViT-B-16"),
+        (["sweep.metric=hm"], "sweep.metric"),  # few-shot runs report no harmonic mean
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
