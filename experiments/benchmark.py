@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import ray
+
 from vlprompt.orchestrator import results
 from vlprompt.orchestrator.config import ConfigError, load_config
 from vlprompt.orchestrator.sweep import run_sweep
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     outcome = run_sweep(cfg, resume=args.resume)
+    ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
     table = results.summarise(outcome.rows)
     print()
     print(

@@ -55,8 +55,9 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     resumed = run_sweep(cfg, resume=True, launch_dir=tmp_path)
     assert resumed.name == "unit-sweep" and resumed.parent_run_id == outcome.parent_run_id
     assert len(resumed.rows) == 2 and len(resumed.failed) == 1
-    children = client.search_runs([outcome.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    children = client.search_runs(
+        [outcome.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
+    )
     assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED"]
 
     # a second launch with the same name never writes into the first sweep's folder
