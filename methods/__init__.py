@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from vlprompt.methods import coop, zeroshot
+from vlprompt.methods import cocoop, coop, kgcoop, zeroshot
 from vlprompt.methods.base import MethodSpec
 from vlprompt.methods.clip import Backbone
 
@@ -23,6 +23,8 @@ METHODS: dict[str, MethodSpec] = {
         zeroshot.ZeroShotConfig, zeroshot.build, "zero-shot CLIP with a hand-crafted template (no training)"
     ),
     "coop": MethodSpec(coop.CoOpConfig, coop.build, "CoOp: learnable context vectors in the text prompt"),
+    "cocoop": MethodSpec(cocoop.CoCoOpConfig, cocoop.build, "CoCoOp: CoOp context shifted per image"),
+    "kgcoop": MethodSpec(kgcoop.KgCoOpConfig, kgcoop.build, "KgCoOp: CoOp kept near hand-crafted prompts"),
 }
 
 

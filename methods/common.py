@@ -105,6 +105,54 @@ def init_context(
     return vectors.to(backbone.device), " ".join(["X"] * n_ctx)
 
 
+@dataclass(frozen=True)
+class ClassPrompts:
+    """The fixed token embeddings around the context slots of ``"<prefix> <class name>."``.
+
+    One row per class of :class:`TaskClasses`; the learnable context goes between
+    ``prefix`` and ``suffix`` (CoOp ``PromptLearner``'s ``token_prefix``/``token_suffix``).
+    """
+
+    prefix: Tensor
+    """``(C, 1, W)``: the start-of-text embedding."""
+    suffix: Tensor
+    """``(C, L - 1 - n_ctx, W)``: class-name tokens, ``"."``, end-of-text, padding."""
+    eot: Tensor
+    """``(C,)``: end-of-text position in each prompt."""
+    name_lens: tuple[int, ...]
+    """BPE tokens of each class name alone."""
+
+
+def class_prompts(
+    backbone: Backbone, classes: TaskClasses, prompt_prefix: str, n_ctx: int, method: str
+) -> ClassPrompts:
+    """Tokenise ``"<prompt_prefix> <class name>."`` for every class and keep the embeddings
+    around its ``n_ctx`` context positions (CoOp ``PromptLearner.__init__``).
+
+    A prompt that does not fit the context length is a ``ValueError`` naming the class and
+    ``method``, where the reference's tokenizer silently cuts it.
+    """
+    limit = backbone.context_length
+    name_lens = tuple(backbone.num_tokens(name) for name in classes.names)
+    for row, (name, name_len) in enumerate(zip(classes.names, name_lens, strict=True)):
+        if n_ctx + name_len + 3 > limit:
+            raise ValueError(
+                f"{method}: class name {name!r} (task {classes.task_of_row(row)!r}) is {name_len} tokens; "
+                f"with {n_ctx} context tokens, start/end tokens and '.' its prompt needs "
+                f"{n_ctx + name_len + 3} positions but {backbone.name} has {limit}. "
+                "Shorten the class name or lower n_ctx."
+            )
+    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in classes.names])
+    with torch.no_grad():
+        embedding = backbone.token_embedding(ids).float()
+    return ClassPrompts(
+        prefix=embedding[:, :1].clone(),
+        suffix=embedding[:, 1 + n_ctx :].clone(),
+        eot=backbone.eot_positions(ids),
+        name_lens=name_lens,
+    )
+
+
 def image_features(backbone: Backbone, batch: Batch) -> Tensor:
     """Image embeddings of a batch: ``batch.features`` when cached, else the frozen image tower.
 
@@ -130,3 +178,32 @@ def cross_entropy(logits: Tensor, labels: Tensor | None) -> Tensor:
     if labels is None:
         raise ValueError("this method trains on labelled batches; Batch.labels is None")
     return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+
+def check_templates(method: str, template: object, templates: object) -> None:
+    """Validate a method's ``template`` / ``templates`` options (one ``{}`` for the class name)."""
+
+    def check(value: object, where: str) -> None:
+        if not isinstance(value, str) or value.count("{}") != 1:
+            raise ValueError(
+                f"{where} must be a string with exactly one '{{}}' for the class name, got {value!r}"
+            )
+
+    if template is not None:
+        check(template, f"{method} template")
+    if not isinstance(templates, Mapping):
+        raise ValueError(f"{method} templates must map task -> template, got {templates!r}")
+    for task, value in templates.items():
+        check(value, f"{method} templates[{task!r}]")
+
+
+def pick_template(method: str, template: str | None, templates: Mapping[str, str], task: str) -> str:
+    """The user's ``template`` for every task, else the task's hand-crafted one (never a silent default)."""
+    if template is not None:
+        return template
+    if task not in templates:
+        raise ValueError(
+            f"{method}: no hand-crafted template for task {task!r}; set method.template "
+            "(e.g. 'a photo of a {}.') or pass the dataset's template (build_method(..., templates=...))"
+        )
+    return templates[task]

@@ -43,6 +43,7 @@ from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
     TaskClasses,
+    class_prompts,
     cosine_logits,
     cross_entropy,
     hold_backbone,
@@ -164,37 +165,25 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoOpConfi
         backbone, cfg.n_ctx, cfg.ctx_init, n_rows=len(classes.names) if cfg.csc else None
     )
     n_ctx = int(ctx.shape[-2])
-    limit = backbone.context_length
-    name_lens = [backbone.num_tokens(name) for name in classes.names]
-    for row, (name, name_len) in enumerate(zip(classes.names, name_lens, strict=True)):
-        if n_ctx + name_len + 3 > limit:
-            raise ValueError(
-                f"coop: class name {name!r} (task {classes.task_of_row(row)!r}) is {name_len} tokens; with "
-                f"{n_ctx} context tokens, start/end tokens and '.' its prompt needs {n_ctx + name_len + 3} "
-                f"positions but {backbone.name} has {limit}. Shorten the class name or lower n_ctx."
-            )
-    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in classes.names])
-    eot = backbone.eot_positions(ids)
+    fixed = class_prompts(backbone, classes, prompt_prefix, n_ctx, "coop")
     if cfg.class_token_position != "end":
         # middle/front cut the class tokens out of the suffix by their standalone count;
         # that is only right if the name is tokenised the same inside the prompt.
-        expected = torch.tensor(name_lens, device=eot.device) + n_ctx + 2
-        bad = (eot != expected).nonzero().flatten().tolist()
+        expected = torch.tensor(fixed.name_lens, device=fixed.eot.device) + n_ctx + 2
+        bad = (fixed.eot != expected).nonzero().flatten().tolist()
         if bad:
             name = classes.names[bad[0]]
             raise ValueError(
                 f"coop: class name {name!r} tokenises differently inside '{prompt_prefix} {name}.'; "
                 "class_token_position middle/front needs names that do not merge with the final '.'"
             )
-    with torch.no_grad():
-        embedding = backbone.token_embedding(ids).float()
     return CoOp(
         backbone,
         classes,
         ctx,
-        token_prefix=embedding[:, :1].clone(),
-        token_suffix=embedding[:, 1 + n_ctx :].clone(),
-        eot=eot,
-        name_lens=name_lens,
+        token_prefix=fixed.prefix,
+        token_suffix=fixed.suffix,
+        eot=fixed.eot,
+        name_lens=fixed.name_lens,
         class_token_position=cfg.class_token_position,
     )

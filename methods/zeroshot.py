@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
-from vlprompt.methods.common import TaskClasses, cosine_logits, hold_backbone, image_features
-
-
-def _check_template(template: object, where: str) -> None:
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(
-            f"{where} must be a string with exactly one '{{}}' for the class name, got {template!r}"
-        )
+from vlprompt.methods.common import (
+    TaskClasses,
+    check_templates,
+    cosine_logits,
+    hold_backbone,
+    image_features,
+    pick_template,
+)
 
 
 @dataclass
@@ -44,22 +44,10 @@ class ZeroShotConfig:
     """Task → template; filled by the orchestrator with each dataset's hand-crafted template."""
 
     def __post_init__(self) -> None:
-        if self.template is not None:
-            _check_template(self.template, "zeroshot template")
-        if not isinstance(self.templates, Mapping):
-            raise ValueError(f"zeroshot templates must map task -> template, got {self.templates!r}")
-        for task, template in self.templates.items():
-            _check_template(template, f"zeroshot templates[{task!r}]")
+        check_templates("zeroshot", self.template, self.templates)
 
     def template_for(self, task: str) -> str:
-        if self.template is not None:
-            return self.template
-        if task not in self.templates:
-            raise ValueError(
-                f"zeroshot: no template for task {task!r}; set method.template (e.g. 'a photo of a {{}}.') "
-                "or pass the dataset's template (build_method(..., templates={task: template}))"
-            )
-        return self.templates[task]
+        return pick_template("zeroshot", self.template, self.templates, task)
 
 
 class ZeroShotCLIP(nn.Module):

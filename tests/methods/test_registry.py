@@ -11,7 +11,7 @@ from vlprompt.methods.coop import CoOpConfig
 
 
 def test_registry_names() -> None:
-    assert sorted(METHODS) == ["coop", "zeroshot"]
+    assert sorted(METHODS) == ["cocoop", "coop", "kgcoop", "zeroshot"]
     assert get_method("coop").config is CoOpConfig
     assert method_option_names("coop") == ("n_ctx", "ctx_init", "class_token_position", "csc")
     assert method_option_names("zeroshot") == ("template", "templates")
@@ -19,7 +19,9 @@ def test_registry_names() -> None:
 
 def test_unknown_method_lists_names_and_suggests() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown method 'coopp' \(did you mean 'coop'\?\); known methods: coop, zeroshot"
+        ValueError,
+        match=r"unknown method 'coopp' \(did you mean 'coop'\?\); "
+        r"known methods: cocoop, coop, kgcoop, zeroshot",
     ):
         get_method("coopp")
 

@@ -45,7 +45,7 @@ def test_template_overrides_per_task_templates(tiny: Backbone, images: Tensor) -
 
 
 def test_template_errors(tiny: Backbone, images: Tensor) -> None:
-    with pytest.raises(ValueError, match=r"no template for task 'pets'"):
+    with pytest.raises(ValueError, match=r"no hand-crafted template for task 'pets'"):
         build_method("zeroshot", tiny, {"pets": CLASSES}, {})
     with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
         ZeroShotConfig(template="a photo of a dog.")

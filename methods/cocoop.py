@@ -1,0 +1,195 @@
+"""CoCoOp -- Conditional Context Optimization (Zhou, Yang, Loy, Liu; CVPR 2022, "Conditional
+Prompt Learning for Vision-Language Models", arXiv 2203.05557).
+
+CoOp's M context vectors are shifted, per image, by a token ``π = h_θ(x)`` that a small
+Meta-Net computes from the image feature ``x``: ``v_m(x) = v_m + π`` (paper §3.2). Each image
+thus gets its own prompts ``[SOS] v_1(x) ... v_M(x) [CLASS] . [EOS]`` for every class, and its
+logits are CLIP's cosine logits against those prompts' text features (the paper's
+``p(y | x)`` with ``t_i(x)``).
+
+Matches ``KaiyangZhou/CoOp trainers/cocoop.py`` (``PromptLearner``, ``CustomCLIP``;
+``reference/METHODS.md`` §2) and ``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
+defaults ``n_ctx=4, ctx_init="a photo of a"``, generic context only, class token at the end;
+Meta-Net ``linear1 Linear(d, d // 16) → ReLU → linear2 Linear(d // 16, ctx_dim)`` with torch's
+default ``nn.Linear`` init, fed the **L2-normalised** image feature (``d`` = the joint
+embedding dimension, 512→32→512 on ViT-B/16); the same ``π`` added to every context token;
+cross-entropy of ``logit_scale · cos``. Only ``ctx`` and the Meta-Net are trained (35,360
+parameters on ViT-B/16).
+
+Deliberate changes:
+
+* batches of any size: the reference trains at batch size 1 because it runs the text tower
+  once per image (``n_cls`` prompts each). Here the ``B × n_cls`` image-conditioned prompts of
+  a batch go through the tower together, in passes of at most ``max_prompts_per_pass``
+  prompts (a pass may end inside one image's classes). With more than one pass and
+  gradients on, each pass is re-computed in the backward pass (activation checkpointing),
+  so training memory is bounded by one pass, not the batch. Logits and gradients equal the
+  per-image maths (tested); the mean loss over a batch is what the loop optimises.
+* fp32 context, Meta-Net and logits (the reference halves the Meta-Net with the fp16 CLIP).
+* prompts cut at their longest EOS before the tower (exact; the tower is causal).
+* multi-task: one ``ctx`` and one Meta-Net shared by every task; a batch uses its task's
+  classes only.
+* word init counts tokens, not words (the same for ``"a photo of a"``); a prompt too long for
+  the context is an error naming the class.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import (
+    ClassPrompts,
+    TaskClasses,
+    class_prompts,
+    cross_entropy,
+    hold_backbone,
+    image_features,
+    init_context,
+)
+
+#: Meta-Net bottleneck: hidden width = image feature dimension // this (reference: 16).
+META_NET_REDUCTION = 16
+
+
+@dataclass
+class CoCoOpConfig:
+    """Options of CoCoOp (``TRAINER.COCOOP.*`` in the reference configs)."""
+
+    n_ctx: int = 4
+    """Number of learnable context tokens M (4 in ``vit_b16_c4_*``); ignored with ``ctx_init``."""
+    ctx_init: str = "a photo of a"
+    """Words to initialise the context from (the reference ``ctxv1`` configs); their token count
+    then sets M. Empty: random N(0, 0.02²) init."""
+    max_prompts_per_pass: int | None = None
+    """Most image-conditioned prompts (images × classes) encoded in one text-tower pass; bounds
+    memory in training and evaluation. None: the backbone's ``text_chunk_size``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
+            raise ValueError(f"cocoop n_ctx must be an integer >= 1, got {self.n_ctx!r}")
+        if not isinstance(self.ctx_init, str):
+            raise ValueError(f"cocoop ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+        budget = self.max_prompts_per_pass
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"cocoop max_prompts_per_pass must be an integer >= 1 or null, got {budget!r}")
+
+
+def meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
+    """The reference Meta-Net ``h_θ``: ``Linear(d, d // 16) → ReLU → Linear(d // 16, ctx_dim)``."""
+    hidden = vis_dim // META_NET_REDUCTION
+    if hidden < 1:
+        raise ValueError(
+            f"cocoop: image features of dimension {vis_dim} are too narrow for the Meta-Net "
+            f"bottleneck (dimension // {META_NET_REDUCTION} = 0)"
+        )
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("linear1", nn.Linear(vis_dim, hidden)),
+                ("relu", nn.ReLU()),
+                ("linear2", nn.Linear(hidden, ctx_dim)),
+            ]
+        )
+    )
+
+
+class CoCoOp(nn.Module):
+    """The context ``ctx`` and the Meta-Net, plus the fixed token embeddings around the context."""
+
+    frozen_image_tower: ClassVar[bool] = True
+    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: TaskClasses,
+        ctx: Tensor,
+        meta_net: nn.Module,
+        fixed: ClassPrompts,
+        max_prompts_per_pass: int | None,
+    ) -> None:
+        super().__init__()
+        hold_backbone(self, backbone)
+        self.classes = classes
+        self.ctx = nn.Parameter(ctx)  # (n_ctx, W)
+        self.meta_net = meta_net
+        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
+        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
+        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
+        self.max_prompts_per_pass = max_prompts_per_pass or backbone.text_chunk_size
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.ctx.shape[0])
+
+    def logits(self, batch: Batch) -> Tensor:
+        """Logits ``(B, n_cls)``: each image against the prompts conditioned on itself."""
+        image = F.normalize(image_features(self.backbone, batch).float(), dim=-1)  # (B, D)
+        ctx = self.ctx + self.meta_net(image).unsqueeze(1)  # v_m(x) = v_m + π(x): (B, n_ctx, W)
+        rows = self.classes.rows(batch.task)
+        eot = self.eot[rows]
+        length = int(eot.max()) + 1  # the tower is causal: positions after EOS never matter
+        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows, : length - 1 - self.n_ctx]
+        text = F.normalize(self._encode_pairs(ctx, prefix, suffix, eot).float(), dim=-1)  # (B, C, D)
+        return self.backbone.logit_scale * torch.einsum("bd,bcd->bc", image, text)
+
+    def _encode_pairs(self, ctx: Tensor, prefix: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+        """Text features ``(B, C, D)`` of every (image, class) prompt, in bounded passes."""
+        n_images, n_cls = ctx.shape[0], prefix.shape[0]
+        total, budget = n_images * n_cls, self.max_prompts_per_pass
+        args = (ctx, prefix, suffix, eot)
+        if total <= budget:
+            return self._encode_span(0, total, *args).view(n_images, n_cls, -1)
+        # Keep only each pass's output, re-running the pass in backward: memory ~ one pass.
+        recompute = torch.is_grad_enabled() and ctx.requires_grad
+        parts = []
+        for start in range(0, total, budget):
+            stop = min(start + budget, total)
+            if recompute:
+                parts.append(
+                    checkpoint(
+                        self._encode_span, start, stop, *args, use_reentrant=False, preserve_rng_state=False
+                    )
+                )
+            else:
+                parts.append(self._encode_span(start, stop, *args))
+        return torch.cat(parts).view(n_images, n_cls, -1)
+
+    def _encode_span(
+        self, start: int, stop: int, ctx: Tensor, prefix: Tensor, suffix: Tensor, eot: Tensor
+    ) -> Tensor:
+        """Prompts ``start:stop`` of the image-major (image, class) list, encoded in one pass."""
+        pairs = torch.arange(start, stop, device=ctx.device)
+        image, cls = pairs // prefix.shape[0], pairs % prefix.shape[0]
+        x = torch.cat([prefix[cls], ctx[image], suffix[cls]], dim=1)
+        return self.backbone.encode_text_embeddings(x, eot[cls], chunk_size=stop - start)
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        return cross_entropy(self.logits(batch), batch.labels)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        return self.logits(batch)
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """``ctx`` and the Meta-Net's weights (``meta_net.linear1.weight``, ...)."""
+        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoCoOpConfig) -> CoCoOp:
+    """Initialise context and Meta-Net (in the reference's RNG order) and tokenise the prompts."""
+    classes = TaskClasses.of(tasks)
+    ctx, prompt_prefix = init_context(backbone, cfg.n_ctx, cfg.ctx_init)
+    net = meta_net(backbone.embed_dim, backbone.text_width).to(backbone.device)
+    fixed = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "cocoop")
+    return CoCoOp(backbone, classes, ctx, net, fixed, cfg.max_prompts_per_pass)
