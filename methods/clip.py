@@ -24,23 +24,53 @@ are registered with ``open_clip.add_model_config`` when this module is imported.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.model import CLIP, CustomTextCLIP, get_input_dtype
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
 #: open_clip JSON architectures shipped with vlprompt (``vlp-tiny`` for tests).
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
-#: Called with (block index, hidden state ``(N, L, W)``) before each text block; returns
-#: the hidden state to feed the block, same shape (deep prompts replace tokens in place).
+#: Weights shipped inside the package (``pretrained="bundled"``): ``<model>.safetensors`` in
+#: fp16, with ``<model>.safetensors.sha256`` and the ``<model>.json`` record of how it was made.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED = "bundled"
+
+#: Called with (block index, hidden state ``(N, L, W)``) before each block; returns the
+#: hidden state to feed the block. Text: same shape (deep prompts replace tokens in place).
+#: Vision: may append tokens at the end (deep visual prompts); see :meth:`Backbone.encode_image`.
 LayerHook = Callable[[int, Tensor], Tensor]
+
+#: Called once with the image tower's embedded tokens ``(N, 1 + patches, W)`` (class token +
+#: patches + positional embedding) before ``ln_pre``; may append tokens at the end.
+EmbedHook = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class BlockHooks:
+    """Hooks *inside* each residual block (either tower), for additive updates such as biases.
+
+    A block with hooks runs as open_clip's ``ResidualAttentionBlock.forward``, split in two::
+
+        x = x + ls_1(attn(ln_1(x)));  x = after_attn(i, x)
+        x = x + ls_2(mlp(ln_2(x)));   x = after_mlp(i, x)
+
+    Each hook gets the batch-first residual stream ``(N, L, W)`` of block ``i`` and returns one
+    of the same shape (``x + b`` adds ``b`` to that sub-layer's residual update). ``None``: skip.
+    """
+
+    after_attn: LayerHook | None = None
+    after_mlp: LayerHook | None = None
+
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -62,6 +92,29 @@ def _looks_like_path(value: str) -> bool:
         or value.startswith(("~", "."))
         or value.endswith(_CHECKPOINT_SUFFIXES)
     )
+
+
+def bundled_checkpoint(model_name: str) -> Path:
+    """The packaged weights file of ``model_name``, after checking its recorded sha256."""
+    path = WEIGHTS_DIR / f"{model_name}.safetensors"
+    digest_file = path.with_name(path.name + ".sha256")
+    if not digest_file.is_file():
+        have = sorted(p.name.removesuffix(".safetensors.sha256") for p in WEIGHTS_DIR.glob("*.sha256"))
+        raise ValueError(
+            f"{model_name} has no bundled weights (no {digest_file}); models with bundled weights: "
+            f"{', '.join(have) if have else '(none)'}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"bundled weights file {path} is missing (its checksum file {digest_file} exists)"
+        )
+    expected = digest_file.read_text(encoding="utf-8").split()[0]
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"bundled weights file {path} is corrupt: sha256 {actual}, but {digest_file} records {expected}"
+        )
+    return path
 
 
 def tag_needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
@@ -91,7 +144,9 @@ def load_backbone(
         model_name: open_clip architecture name, verbatim (``"ViT-B-16"``, ``"vlp-tiny"``).
         pretrained: an open_clip pretrained tag for that architecture (``"openai"``; open_clip
             downloads it), a path to a local checkpoint file (loaded by open_clip's own
-            ``load_checkpoint``), or ``None`` for random initialisation.
+            ``load_checkpoint``), ``"bundled"`` for the weights shipped in
+            :data:`WEIGHTS_DIR` (``vlp-small``; checksum verified), or ``None`` for random
+            initialisation.
         device: where the weights live.
         precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``); methods keep
             their own parameters in fp32 either way.
@@ -110,7 +165,9 @@ def load_backbone(
             "or call open_clip.add_model_config(path) before load_backbone."
         )
     checkpoint: str | None = None
-    if pretrained:
+    if pretrained == BUNDLED:
+        checkpoint = str(bundled_checkpoint(model_name))
+    elif pretrained:
         path = Path(pretrained).expanduser()
         if open_clip.get_pretrained_cfg(model_name, pretrained):
             checkpoint = pretrained  # a tag: open_clip resolves (and downloads) it
@@ -244,6 +301,27 @@ class Backbone(nn.Module):
         return len(self._text.transformer.resblocks)
 
     @property
+    def _visual(self) -> VisionTransformer:
+        """open_clip's ViT image tower; the hooked image path needs one (not ResNet/timm towers)."""
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise NotImplementedError(
+                f"{self.name}: image-tower hooks need open_clip's VisionTransformer, "
+                f"got {type(visual).__name__}"
+            )
+        return visual
+
+    @property
+    def vision_width(self) -> int:
+        """Token width of the image transformer (768 for ViT-B/16)."""
+        return int(self._visual.transformer.width)
+
+    @property
+    def vision_layers(self) -> int:
+        """Number of image transformer blocks (layer indices passed to a vision ``layer_hook``)."""
+        return len(self._visual.transformer.resblocks)
+
+    @property
     def context_length(self) -> int:
         return int(self._text.positional_embedding.shape[0])
 
@@ -289,6 +367,7 @@ class Backbone(nn.Module):
         *,
         truncate: bool = True,
         layer_hook: LayerHook | None = None,
+        block_hooks: BlockHooks | None = None,
         chunk_size: int | None = None,
     ) -> Tensor:
         """Text features ``(N, D)`` (not normalised) from token embeddings ``x`` ``(N, L, W)``.
@@ -301,9 +380,12 @@ class Backbone(nn.Module):
             truncate: cut the sequence to ``max(eot) + 1`` positions. Exact, because the
                 text tower is causal: nothing after the end-of-text token reaches it.
             layer_hook: called as ``hook(i, hidden)`` before block ``i`` with the
-                batch-first hidden state of the current chunk; returns the state to use.
+                batch-first hidden state of the current chunk; returns the state to use,
+                **same shape** (``ValueError`` otherwise): deep text prompts replace positions
+                in place, so ``eot`` keeps pointing at the end-of-text token.
+            block_hooks: hooks inside every block (:class:`BlockHooks`), same-shape too.
             chunk_size: encode at most this many rows at once (default: the backbone's
-                ``text_chunk_size``); the hook then sees one chunk's rows at a time.
+                ``text_chunk_size``); the hooks then see one chunk's rows at a time.
         """
         if x.ndim != 3 or eot.shape != x.shape[:1]:
             raise ValueError(
@@ -313,30 +395,29 @@ class Backbone(nn.Module):
             raise ValueError(f"{x.shape[1]} positions exceed the context length {self.context_length}")
         size = chunk_size or self.text_chunk_size
         if x.shape[0] <= size:
-            return self._encode_chunk(x, eot, truncate, layer_hook)
+            return self._encode_chunk(x, eot, truncate, layer_hook, block_hooks)
         return torch.cat(
             [
-                self._encode_chunk(xc, ec, truncate, layer_hook)
+                self._encode_chunk(xc, ec, truncate, layer_hook, block_hooks)
                 for xc, ec in zip(x.split(size), eot.split(size), strict=True)
             ]
         )
 
-    def _encode_chunk(self, x: Tensor, eot: Tensor, truncate: bool, layer_hook: LayerHook | None) -> Tensor:
+    def _encode_chunk(
+        self,
+        x: Tensor,
+        eot: Tensor,
+        truncate: bool,
+        layer_hook: LayerHook | None,
+        block_hooks: BlockHooks | None,
+    ) -> Tensor:
         text = self._text
         transformer = text.transformer
         length = int(eot.max()) + 1 if truncate else x.shape[1]
         cast = transformer.get_cast_dtype()
         h = x[:, :length].to(cast) + text.positional_embedding[:length].to(cast)
         mask = text.attn_mask[:length, :length]
-        seq_first = not transformer.batch_first
-        if seq_first:
-            h = h.transpose(0, 1)  # NLD -> LND
-        for i, block in enumerate(transformer.resblocks):
-            if layer_hook is not None:
-                h = layer_hook(i, h.transpose(0, 1)).transpose(0, 1) if seq_first else layer_hook(i, h)
-            h = block(h, attn_mask=mask)
-        if seq_first:
-            h = h.transpose(0, 1)
+        h = _run_blocks(transformer, h, mask, layer_hook, block_hooks, may_grow=False)
         h = text.ln_final(h)
         pooled = h[torch.arange(h.shape[0], device=h.device), eot]
         proj = text.text_projection
@@ -347,11 +428,45 @@ class Backbone(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(ids), self.eot_positions(ids))
 
     # ------------------------------------------------------------------ image
-    def encode_image(self, images: Tensor) -> Tensor:
-        """Image features ``(N, D)`` (not normalised) of preprocessed images."""
+    def encode_image(
+        self,
+        images: Tensor,
+        *,
+        embed_hook: EmbedHook | None = None,
+        layer_hook: LayerHook | None = None,
+        block_hooks: BlockHooks | None = None,
+    ) -> Tensor:
+        """Image features ``(N, D)`` (not normalised) of preprocessed images.
+
+        Without hooks: open_clip's own ``encode_image``. With any hook: open_clip's
+        ``VisionTransformer.forward`` step by step (equal to it when the hooks are identities)::
+
+            conv1 patches; [class token; patches] + positional embedding; patch_dropout;
+            embed_hook; ln_pre; for each block i: layer_hook(i, x), block (block_hooks);
+            keep the first 1 + patches tokens; open_clip's pooling (_pool); @ proj
+
+        Hooks get batch-first ``(N, L, W)`` states and may append tokens at the end (visual
+        prompts, MaPLe/VPT style); a later ``layer_hook`` may replace them. Appended tokens are
+        dropped before pooling, so the class token (``tok`` pooling) or the patch average
+        (``avg``) is read exactly as open_clip reads it.
+        """
         if self._input_dtype is not None:
             images = images.to(self._input_dtype)
-        return self.model.encode_image(images)
+        if embed_hook is None and layer_hook is None and block_hooks is None:
+            return self.model.encode_image(images)
+        visual = self._visual
+        x = visual.conv1(images)  # (N, W, grid, grid)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, grid², W)
+        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.patch_dropout(x)  # identity: the backbone stays in eval mode
+        n_tokens = x.shape[1]
+        if embed_hook is not None:
+            x = _checked(embed_hook(x), x, "embed_hook", may_grow=True)
+        x = visual.ln_pre(x)
+        x = _run_blocks(visual.transformer, x, None, layer_hook, block_hooks, may_grow=True)
+        pooled, _ = visual._pool(x[:, :n_tokens])
+        return pooled @ visual.proj if visual.proj is not None else pooled
 
     # ------------------------------------------------------------------ interpretation
     @torch.no_grad()
@@ -375,3 +490,55 @@ class Backbone(nn.Module):
                     [(self.tokenizer.decode([i]).strip(), d) for i, d in zip(row_i, row_d, strict=True)]
                 )
         return out
+
+
+def _checked(out: Tensor, before: Tensor, name: str, *, may_grow: bool) -> Tensor:
+    """A hook's output, cast to the tower's dtype, after checking its shape against its input."""
+    same = out.ndim == 3 and out.shape[0] == before.shape[0] and out.shape[2] == before.shape[2]
+    if not same or (out.shape[1] != before.shape[1] and not (may_grow and out.shape[1] >= before.shape[1])):
+        rule = "may only append tokens" if may_grow else "must keep the shape"
+        raise ValueError(f"{name} {rule}: got {tuple(out.shape)} for input {tuple(before.shape)}")
+    return out.to(before.dtype)
+
+
+def _run_blocks(
+    transformer: nn.Module,
+    h: Tensor,
+    mask: Tensor | None,
+    layer_hook: LayerHook | None,
+    block_hooks: BlockHooks | None,
+    *,
+    may_grow: bool,
+) -> Tensor:
+    """Run ``transformer``'s blocks on batch-first ``h`` with the hooks; batch-first out.
+
+    Hooks always see batch-first states; sequence-first transformers are transposed around
+    them. A layer hook may append tokens only where ``may_grow`` (the image tower); block hooks
+    always keep the shape.
+    """
+    seq_first = not transformer.batch_first
+
+    def batch_first(fn: LayerHook, i: int, state: Tensor, name: str, grow: bool) -> Tensor:
+        view = state.transpose(0, 1) if seq_first else state
+        out = _checked(fn(i, view), view, name, may_grow=grow)
+        return out.transpose(0, 1) if seq_first else out
+
+    if seq_first:
+        h = h.transpose(0, 1)  # NLD -> LND
+    for i, block in enumerate(transformer.resblocks):
+        if layer_hook is not None:
+            h = batch_first(layer_hook, i, h, "layer_hook", may_grow)
+        if block_hooks is None:
+            h = block(h, attn_mask=mask)
+            continue
+        if not isinstance(block, ResidualAttentionBlock):
+            raise NotImplementedError(
+                f"block hooks need open_clip's ResidualAttentionBlock, got {type(block).__name__}"
+            )
+        h = h + block.ls_1(block.attention(q_x=block.ln_1(h), attn_mask=mask))
+        if block_hooks.after_attn is not None:
+            h = batch_first(block_hooks.after_attn, i, h, "after_attn", False)
+        h = h + block.ls_2(block.mlp(block.ln_2(h)))
+        if block_hooks.after_mlp is not None:
+            h = batch_first(block_hooks.after_mlp, i, h, "after_mlp", False)
+    return h.transpose(0, 1) if seq_first else h

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.methods.base import Batch
-from vlprompt.methods.clip import Backbone
+from vlprompt.methods.clip import Backbone, EmbedHook, LayerHook
 
 
 def clean_classname(name: str) -> str:
@@ -207,3 +207,85 @@ def pick_template(method: str, template: str | None, templates: Mapping[str, str
             "(e.g. 'a photo of a {}.') or pass the dataset's template (build_method(..., templates=...))"
         )
     return templates[task]
+
+
+# ---------------------------------------------------------------- deep prompts (IVLP, MaPLe)
+#: The MaPLe repository's word init applies only up to this many context tokens.
+MAX_WORD_INIT_CTX = 4
+
+
+def deep_prompt_context(backbone: Backbone, n_ctx: int, ctx_init: str) -> tuple[Tensor, str]:
+    """Layer-0 text context and prompt prefix as MaPLe's ``MultiModalPromptLearner`` / IVLP's
+    ``VLPromptLearner`` make them.
+
+    With ``ctx_init`` and ``n_ctx <= 4``: the first ``n_ctx`` token embeddings of ``ctx_init``,
+    while the prompt text keeps the *whole* ``ctx_init`` -- so ``n_ctx=2`` with ``"a photo of a"``
+    learns "a photo" and keeps "of a" as fixed tokens: ``[SOS][ctx₁ ctx₂] of a {class}.``.
+    Otherwise N(0, 0.02²) vectors and the placeholder ``"X X ..."`` (the reference then ignores
+    ``ctx_init``). ``ValueError`` if ``ctx_init`` has fewer than ``n_ctx`` tokens (the reference
+    would silently learn from its end-of-text and padding embeddings).
+    """
+    text = ctx_init.replace("_", " ").strip()
+    if not text or n_ctx > MAX_WORD_INIT_CTX:
+        return init_context(backbone, n_ctx, None)
+    words, prefix = init_context(backbone, n_ctx, text)
+    if words.shape[0] < n_ctx:
+        raise ValueError(f"ctx_init {text!r} is {words.shape[0]} tokens, fewer than n_ctx={n_ctx}")
+    return words[:n_ctx].clone(), prefix
+
+
+def normal_prompts(n_layers: int, n_ctx: int, width: int, device: torch.device) -> nn.ParameterList:
+    """``n_layers`` independent ``(n_ctx, width)`` prompts, N(0, 0.02²) (the references' deep init)."""
+    return nn.ParameterList(
+        [nn.Parameter(torch.empty(n_ctx, width).normal_(0.0, 0.02).to(device)) for _ in range(n_layers)]
+    )
+
+
+def text_deep_prompt_hook(deep: Sequence[Tensor]) -> LayerHook | None:
+    """Text layer hook: before block ``i`` (1 <= i <= len(deep)) positions ``1 .. n_ctx`` (right after
+    SOS) are replaced by ``deep[i - 1]`` for every prompt; the length is kept, so EOT stays put."""
+    if not deep:
+        return None
+
+    def hook(i: int, x: Tensor) -> Tensor:
+        if not 1 <= i <= len(deep):
+            return x
+        prompt = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1] :]], dim=1)
+
+    return hook
+
+
+def vision_prompt_hooks(prompts: Sequence[Tensor]) -> tuple[EmbedHook | None, LayerHook | None]:
+    """Image-tower hooks for visual prompts ``prompts[0 .. J-1]`` (each ``(n_ctx, W)``).
+
+    ``prompts[0]`` is appended after the positional embedding (before ``ln_pre``, no positional
+    embedding of its own); before block ``i`` (1 <= i < J) the last ``n_ctx`` tokens -- the
+    previous prompts' outputs -- are replaced by ``prompts[i]``. Later blocks carry them along.
+    """
+    if not prompts:
+        return None, None
+
+    def expand(prompt: Tensor, x: Tensor) -> Tensor:
+        return prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+
+    def embed(x: Tensor) -> Tensor:
+        return torch.cat([x, expand(prompts[0], x)], dim=1)
+
+    def layer(i: int, x: Tensor) -> Tensor:
+        if not 1 <= i < len(prompts):
+            return x
+        prompt = expand(prompts[i], x)
+        return torch.cat([x[:, : x.shape[1] - prompt.shape[1]], prompt], dim=1)
+
+    return embed, (layer if len(prompts) > 1 else None)
+
+
+def require_images(method: str, batch: Batch) -> Tensor:
+    """``batch.images``; a clear error for cached features, which a prompted image tower cannot use."""
+    if batch.images is None:
+        raise ValueError(
+            f"{method} changes the image tower (frozen_image_tower=False), so cached image features "
+            "cannot be used: give Batch.images"
+        )
+    return batch.images

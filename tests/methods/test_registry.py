@@ -11,7 +11,8 @@ from vlprompt.methods.coop import CoOpConfig
 
 
 def test_registry_names() -> None:
-    assert sorted(METHODS) == ["cocoop", "coop", "kgcoop", "zeroshot"]
+    assert {"ivlp", "maple", "bias_tuning"} <= set(METHODS)
+    assert {"cocoop", "coop", "kgcoop", "zeroshot"} <= set(METHODS)
     assert get_method("coop").config is CoOpConfig
     assert method_option_names("coop") == ("n_ctx", "ctx_init", "class_token_position", "csc")
     assert method_option_names("zeroshot") == ("template", "templates")
@@ -21,7 +22,7 @@ def test_unknown_method_lists_names_and_suggests() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown method 'coopp' \(did you mean 'coop'\?\); "
-        r"known methods: cocoop, coop, kgcoop, zeroshot",
+        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, .*maple, zeroshot",
     ):
         get_method("coopp")
 
@@ -42,6 +43,6 @@ def test_unknown_option_names_key_and_valid_ones() -> None:
 def test_every_method_builds_and_follows_the_protocol(tiny: Backbone, name: str) -> None:
     method = build_method(name, tiny, {"t": ["cat", "dog"]}, {}, templates={"t": "a photo of a {}."})
     assert isinstance(method, Method)
-    assert method.frozen_image_tower is True
+    assert method.frozen_image_tower is (name not in {"ivlp", "maple", "bias_tuning"})
     assert not any(p is q for p in method.parameters() for q in tiny.parameters())  # backbone not owned
     assert set(method.learned_state()) <= set(method.state_dict())

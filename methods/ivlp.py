@@ -1,0 +1,167 @@
+"""IVLP -- Independent Vision-Language Prompting, the deep two-tower baseline of MaPLe (Khattak,
+Rasheed, Maaz, Khan, Khan; CVPR 2023, "MaPLe: Multi-modal Prompt Learning", arXiv 2210.03117, §4
+"Independent V-L prompting").
+
+Text: CoOp-style context after SOS in the token embeddings (layer 0); before each text block
+``i = 1 .. depth_text - 1`` the context positions ``1 .. n_ctx_text`` are replaced by that layer's
+own learned prompt. Vision: ``n_ctx_vision`` prompt tokens appended after the positional embedding
+(layer 0, before ``ln_pre``); before each image block ``i = 1 .. depth_vision - 1`` they are
+replaced by that layer's prompt. The two towers' prompts are independent (no coupling); the image
+feature is read at the class token as usual; logits are CLIP's cosine logits, loss cross-entropy.
+
+Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/independentVL.py`` and
+``clip/model.py`` (``ResidualAttentionBlock_IVLP``, ``VisionTransformer``; ``reference/METHODS.md``
+§3): defaults of ``configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2 text + 2 vision
+tokens, depth 12/12, ``ctx_init "a photo of a"``: 30,720 parameters on ViT-B/16; the PromptSRC
+4+4 depth 9/9 config gives 46,080); word init only for ``n_ctx_text <= 4`` with the whole init
+text kept in the prompt (:func:`~vlprompt.methods.common.deep_prompt_context`); every deep and
+visual prompt N(0, 0.02²); prompts carry no positional embedding.
+
+Deliberate changes:
+
+* fp32 prompts and logits (the reference halves the prompts into its fp16 CLIP).
+* ``depth_vision = 0`` or ``n_ctx_vision = 0`` (both together) switch visual prompts off, like
+  the reference's ``PROMPT_DEPTH_VISION 0``; a depth beyond a tower's blocks means every block
+  (capped, so the 12-layer defaults also build on small test models).
+* the random-init order differs from the reference (its visual prompts are drawn while CLIP is
+  built); the distributions are the same.
+* text prompts cut at their longest EOS (exact; causal tower); multi-task: one set of prompts
+  shared by every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import (
+    ClassPrompts,
+    TaskClasses,
+    class_prompts,
+    cosine_logits,
+    cross_entropy,
+    deep_prompt_context,
+    hold_backbone,
+    normal_prompts,
+    require_images,
+    text_deep_prompt_hook,
+    vision_prompt_hooks,
+)
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass
+class IVLPConfig:
+    """Options of IVLP (``TRAINER.IVLP.*`` in the reference configs)."""
+
+    n_ctx_text: int = 2
+    """Text prompt tokens per prompted layer (``N_CTX_TEXT``)."""
+    n_ctx_vision: int = 2
+    """Visual prompt tokens per prompted layer (``N_CTX_VISION``); 0 (with ``depth_vision`` 0): none."""
+    depth_text: int = 12
+    """Text layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_TEXT``; >= 1, layer 0 is the context;
+    capped at the tower's blocks)."""
+    depth_vision: int = 12
+    """Image layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_VISION``; capped at the tower's
+    blocks); 0: no visual prompts."""
+    ctx_init: str = "a photo of a"
+    """Words for the layer-0 text context when ``n_ctx_text <= 4`` (their first ``n_ctx_text``
+    tokens are learned, the rest stay fixed words); empty or longer context: random init."""
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("n_ctx_text", 1), ("depth_text", 1), ("n_ctx_vision", 0), ("depth_vision", 0)):
+            if not _is_count(getattr(self, name), minimum):
+                raise ValueError(f"ivlp {name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
+        if (self.n_ctx_vision == 0) != (self.depth_vision == 0):
+            raise ValueError(
+                "ivlp n_ctx_vision and depth_vision must both be 0 (no visual prompts) or both >= 1, "
+                f"got {self.n_ctx_vision} and {self.depth_vision}"
+            )
+        if not isinstance(self.ctx_init, str):
+            raise ValueError(f"ivlp ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+
+
+def capped_depth(depth: int, blocks: int) -> int:
+    """A prompt depth beyond the tower means "every block": capped at its number of blocks."""
+    return min(depth, blocks)
+
+
+class IVLP(nn.Module):
+    """Layer-0 text context, deep text prompts and per-layer visual prompts."""
+
+    frozen_image_tower: ClassVar[bool] = False
+    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: TaskClasses,
+        ctx: Tensor,
+        text_deep: nn.ParameterList,
+        vision_prompts: nn.ParameterList,
+        fixed: ClassPrompts,
+    ) -> None:
+        super().__init__()
+        hold_backbone(self, backbone)
+        self.classes = classes
+        self.ctx = nn.Parameter(ctx)  # (n_ctx_text, W_text): layer-0 text context
+        self.text_deep = text_deep  # [i - 1]: text prompt of layer i = 1 .. depth_text - 1
+        self.vision_prompts = vision_prompts  # [i]: visual prompt of layer i = 0 .. depth_vision - 1
+        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
+        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
+        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
+
+    def text_features(self, task: str) -> Tensor:
+        """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
+        rows = self.classes.rows(task)
+        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
+        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        x = torch.cat([prefix, ctx, suffix], dim=1)
+        hook = text_deep_prompt_hook(list(self.text_deep))
+        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Image features ``(B, D)`` with the visual prompts (the frozen tower when there are none)."""
+        embed_hook, layer_hook = vision_prompt_hooks(list(self.vision_prompts))
+        return self.backbone.encode_image(
+            images.to(self.backbone.device), embed_hook=embed_hook, layer_hook=layer_hook
+        )
+
+    def logits(self, batch: Batch) -> Tensor:
+        images = require_images("ivlp", batch)
+        return cosine_logits(
+            self.image_features(images), self.text_features(batch.task), self.backbone.logit_scale
+        )
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        return cross_entropy(self.logits(batch), batch.labels)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        return self.logits(batch)
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """``ctx``, ``text_deep.<k>`` and ``vision_prompts.<k>``."""
+        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfig) -> IVLP:
+    """Initialise the prompts of both towers and tokenise the class prompts."""
+    depth_text = capped_depth(cfg.depth_text, backbone.text_layers)
+    depth_vision = capped_depth(cfg.depth_vision, backbone.vision_layers) if cfg.depth_vision else 0
+    classes = TaskClasses.of(tasks)
+    ctx, prompt_prefix = deep_prompt_context(backbone, cfg.n_ctx_text, cfg.ctx_init)
+    device = backbone.device
+    text_deep = normal_prompts(depth_text - 1, cfg.n_ctx_text, backbone.text_width, device)
+    vision = normal_prompts(depth_vision, cfg.n_ctx_vision, backbone.vision_width, device)
+    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
+    return IVLP(backbone, classes, ctx, text_deep, vision, fixed)

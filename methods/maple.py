@@ -1,0 +1,159 @@
+"""MaPLe -- Multi-modal Prompt Learning (Khattak, Rasheed, Maaz, Khan, Khan; CVPR 2023,
+arXiv 2210.03117).
+
+Deep text prompts as IVLP -- a layer-0 context ``P_0`` after SOS and, before each text block
+``i = 1 .. J-1``, positions ``1 .. n_ctx`` replaced by a learned ``P_i`` -- but the visual prompts
+are not free: they are **coupled** to the text prompts through per-layer projections,
+``P̃_i = F_i(P_i)`` with ``F_i = Linear(W_text → W_vision)`` (paper Eq. 3-5, "vision-language
+coupling function"). ``P̃_0`` is appended to the image tokens after the positional embedding,
+``P̃_i`` replaces them before image block ``i``. Cosine logits, cross-entropy.
+
+Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/maple.py``
+(``MultiModalPromptLearner``) and ``clip/model.py`` (``ResidualAttentionBlock_MaPLe``,
+``VisionTransformer_MaPLe``; ``reference/METHODS.md`` §3): defaults of
+``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`` (``N_CTX 2``, ``CTX_INIT "a photo of a"``,
+``PROMPT_DEPTH 9``); word init for ``n_ctx <= 4`` learns the first ``n_ctx`` tokens of the init
+text and keeps the rest as fixed words (``[SOS][a photo] of a {class}.``); deep text prompts
+N(0, 0.02²); ``proj`` (layer 0) and the ``J-1`` deep projections are ``nn.Linear`` with torch's
+default init, the deep ones deep copies of **one** initialised layer (``_get_clones``), so they
+start equal. Parameters on ViT-B/16 (n_ctx 2, J 9): 3,555,072.
+
+Deliberate changes:
+
+* fp32 prompts, projections and logits (the reference halves them into its fp16 CLIP).
+* the projection widths are the backbone's (the reference hard-codes 512 → 768).
+* ``prompt_depth`` beyond either tower's blocks means every block (capped; the reference would
+  train deep prompts that no layer uses).
+* text prompts cut at their longest EOS (exact; causal tower); multi-task: one set of prompts and
+  projections shared by every task.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import (
+    ClassPrompts,
+    TaskClasses,
+    class_prompts,
+    cosine_logits,
+    cross_entropy,
+    deep_prompt_context,
+    hold_backbone,
+    normal_prompts,
+    require_images,
+    text_deep_prompt_hook,
+    vision_prompt_hooks,
+)
+from vlprompt.methods.ivlp import capped_depth
+
+
+@dataclass
+class MaPLeConfig:
+    """Options of MaPLe (``TRAINER.MAPLE.*`` in the reference configs)."""
+
+    n_ctx: int = 2
+    """Prompt tokens per prompted layer, the same count in both towers (``N_CTX``)."""
+    prompt_depth: int = 9
+    """J: layers 0 .. J-1 of both towers get prompts (``PROMPT_DEPTH``; 9 base-to-novel, 3
+    cross-dataset); capped at the shallower tower's blocks."""
+    ctx_init: str = "a photo of a"
+    """Words for the layer-0 text context when ``n_ctx <= 4`` (first ``n_ctx`` tokens learned, the
+    rest kept as fixed words); empty or longer context: random N(0, 0.02²) init."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "prompt_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"maple {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.ctx_init, str):
+            raise ValueError(f"maple ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+
+
+class MaPLe(nn.Module):
+    """Text prompts of every prompted layer and the text → vision coupling projections."""
+
+    frozen_image_tower: ClassVar[bool] = False
+    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: TaskClasses,
+        ctx: Tensor,
+        proj: nn.Linear,
+        compound_prompts_text: nn.ParameterList,
+        compound_prompt_projections: nn.ModuleList,
+        fixed: ClassPrompts,
+    ) -> None:
+        super().__init__()
+        hold_backbone(self, backbone)
+        self.classes = classes
+        self.ctx = nn.Parameter(ctx)  # (n_ctx, W_text): P_0
+        self.proj = proj  # F_0: W_text -> W_vision
+        self.compound_prompts_text = compound_prompts_text  # [i - 1]: P_i, i = 1 .. J-1
+        self.compound_prompt_projections = compound_prompt_projections  # [i - 1]: F_i
+        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
+        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
+        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
+
+    def vision_prompts(self) -> list[Tensor]:
+        """``[F_0(P_0), F_1(P_1), ...]``: the visual prompt of each prompted image layer."""
+        deep = zip(self.compound_prompt_projections, self.compound_prompts_text, strict=True)
+        return [self.proj(self.ctx), *(f(p) for f, p in deep)]
+
+    def text_features(self, task: str) -> Tensor:
+        """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
+        rows = self.classes.rows(task)
+        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
+        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
+        x = torch.cat([prefix, ctx, suffix], dim=1)
+        hook = text_deep_prompt_hook(list(self.compound_prompts_text))
+        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Image features ``(B, D)`` with the coupled visual prompts."""
+        embed_hook, layer_hook = vision_prompt_hooks(self.vision_prompts())
+        return self.backbone.encode_image(
+            images.to(self.backbone.device), embed_hook=embed_hook, layer_hook=layer_hook
+        )
+
+    def logits(self, batch: Batch) -> Tensor:
+        images = require_images("maple", batch)
+        return cosine_logits(
+            self.image_features(images), self.text_features(batch.task), self.backbone.logit_scale
+        )
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        return cross_entropy(self.logits(batch), batch.labels)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        return self.logits(batch)
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """``ctx``, ``proj.*``, ``compound_prompts_text.<k>``, ``compound_prompt_projections.<k>.*``."""
+        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: MaPLeConfig) -> MaPLe:
+    """Initialise prompts and projections in the reference's order and tokenise the class prompts."""
+    depth = capped_depth(cfg.prompt_depth, min(backbone.text_layers, backbone.vision_layers))
+    classes = TaskClasses.of(tasks)
+    device = backbone.device
+    ctx, prompt_prefix = deep_prompt_context(backbone, cfg.n_ctx, cfg.ctx_init)
+    width_t, width_v = backbone.text_width, backbone.vision_width
+    proj = nn.Linear(width_t, width_v).to(device)
+    deep_text = normal_prompts(depth - 1, cfg.n_ctx, width_t, device)
+    single = nn.Linear(width_t, width_v).to(device)
+    projections = nn.ModuleList([copy.deepcopy(single) for _ in range(depth - 1)])
+    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx, "maple")
+    return MaPLe(backbone, classes, ctx, proj, deep_text, projections, fixed)
