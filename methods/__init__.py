@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from vlprompt.methods import cocoop, coop, kgcoop, zeroshot
+from vlprompt.methods import bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, zeroshot
 from vlprompt.methods.base import MethodSpec
 from vlprompt.methods.clip import Backbone
 
@@ -25,6 +25,16 @@ METHODS: dict[str, MethodSpec] = {
     "coop": MethodSpec(coop.CoOpConfig, coop.build, "CoOp: learnable context vectors in the text prompt"),
     "cocoop": MethodSpec(cocoop.CoCoOpConfig, cocoop.build, "CoCoOp: CoOp context shifted per image"),
     "kgcoop": MethodSpec(kgcoop.KgCoOpConfig, kgcoop.build, "KgCoOp: CoOp kept near hand-crafted prompts"),
+    "linear_probe": MethodSpec(
+        linear_probe.LinearProbeConfig,
+        linear_probe.build,
+        "Linear probe: logistic regression on CLIP image features",
+    ),
+    "ivlp": MethodSpec(ivlp.IVLPConfig, ivlp.build, "IVLP: independent deep prompts in both towers"),
+    "maple": MethodSpec(maple.MaPLeConfig, maple.build, "MaPLe: deep text prompts coupled to vision prompts"),
+    "bias_tuning": MethodSpec(
+        bias_tuning.BiasTuningConfig, bias_tuning.build, "Bias tuning: learnable biases inside the blocks"
+    ),
 }
 
 

@@ -16,6 +16,9 @@ that the methods still to come fit without special cases in that loop:
 * **cached features**: methods whose image tower stays frozen set
   ``frozen_image_tower = True`` and then accept ``Batch.features`` (the backbone's
   un-normalised image embeddings) in place of ``Batch.images``.
+* **full-batch solvers** (linear probe): a method may also implement the optional hook
+  :class:`FitsFeatures` -- ``fit(train, val)`` on whole :class:`FeatureSet` s of cached
+  features; the loop then calls it once instead of running SGD epochs.
 """
 
 from __future__ import annotations
@@ -85,6 +88,42 @@ class Method(Protocol):
         ...
 
     def parameters(self, recurse: bool = True) -> Any: ...
+
+
+@dataclass
+class FeatureSet:
+    """A whole split of one task as cached image features: what :meth:`FitsFeatures.fit` solves on."""
+
+    task: str
+    features: Tensor
+    """``(N, D)`` image embeddings (``Backbone.encode_image`` output, not L2-normalised)."""
+    labels: Tensor
+    """``(N,)`` class indices within ``task``."""
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 2 or self.labels.shape != (self.features.shape[0],):
+            raise ValueError(
+                f"FeatureSet needs features (N, D) and labels (N,), got {tuple(self.features.shape)} "
+                f"and {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@runtime_checkable
+class FitsFeatures(Protocol):
+    """Optional hook of a :class:`Method` that solves in closed form / full batch.
+
+    Only for ``frozen_image_tower`` methods. When a method has it, the loop caches the
+    train split's features (test transform, one view) and the val split's, calls ``fit``
+    once per task instead of the SGD epochs, and logs the returned numbers as metrics.
+    ``fit`` must be deterministic: every data-parallel rank calls it on the same data.
+    """
+
+    def fit(self, train: FeatureSet, val: FeatureSet) -> dict[str, float]:
+        """Set the learned tensors of ``train.task`` from the whole split; return scalars worth logging."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ constant ``warmup_lr`` for the warm-up epochs, then cosine annealing with ``T_ma
 total epochs (so it never reaches zero); ``drop_last`` when the training set holds at
 least one batch; the last epoch's model is evaluated (no selection on test).
 
+Methods with the optional ``fit`` hook (``FitsFeatures``, e.g. the linear probe) replace
+the SGD epochs by one full-batch solve on cached features: the train split encoded once
+with the test transform (as CoOp's ``lpclip`` does) and the val split; ``train.epochs``,
+``lr`` and ``feature_views`` do not apply to them.
+
 Distributed training (``num_workers > 1``) is exact rather than approximate: every
 rank draws the same seeded permutation, takes its slice of each *global* batch
 (``train.batch_size`` is the global batch size), and the gradients of the trainable
@@ -37,7 +42,7 @@ from torch import Tensor, nn
 
 from vlprompt import datasets as vds
 from vlprompt.methods import build_method
-from vlprompt.methods.base import Batch, count_trainable, trainable_parameters
+from vlprompt.methods.base import Batch, FeatureSet, FitsFeatures, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.config import flatten, method_section
@@ -273,9 +278,18 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     _broadcast_parameters(params, ctx)
     n_trainable = count_trainable(method)
     frozen_images = bool(getattr(method, "frozen_image_tower", False))
+    # Full-batch methods (linear probe) solve on cached features instead of SGD epochs.
+    full_batch = isinstance(method, FitsFeatures)
+    if full_batch and not frozen_images:
+        raise ValueError(f"{method_name}: fit() on cached features needs frozen_image_tower = True")
 
-    train_tf = vds.train_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
     test_tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    # a full-batch fit sees each training image once, un-augmented (CoOp lpclip's feat_extractor.py)
+    train_tf = (
+        test_tf
+        if full_batch
+        else vds.train_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    )
     workers = cfg.data.loader_workers
     train_src = _Source(data.splits.train, train_tf, workers)
     sources = {
@@ -287,7 +301,9 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     if frozen_images:  # deterministic test transform → cached features are exact
         for src in sources.values():
             src.cache_features(backbone, 1, ctx.device, cfg.train.eval_batch_size)
-        if params and cfg.train.feature_views > 0:
+        if full_batch:
+            train_src.cache_features(backbone, 1, ctx.device, cfg.train.eval_batch_size)
+        elif params and cfg.train.feature_views > 0:
             train_src.cache_features(backbone, cfg.train.feature_views, ctx.device, cfg.train.eval_batch_size)
 
     if log:
@@ -309,7 +325,21 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
         )
     t_setup = time.perf_counter()
 
-    if params:
+    if full_batch:
+        # Every rank holds every cached feature and solves the same deterministic problem;
+        # rank 0's solution is broadcast so ranks agree bit for bit even if kernels differ.
+        assert train_src.features is not None and sources["val"].features is not None
+        stats = method.fit(
+            FeatureSet(task, train_src.features[0], train_src.labels),
+            FeatureSet(task, sources["val"].features[0], sources["val"].labels),
+        )
+        _broadcast_parameters(params, ctx)
+        if log:
+            tracking.log_metrics(uri, run_id, stats)
+        if ctx.is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+            print(f"[vlprompt] {method_name} {task} seed {cfg.seed}: fit: {shown}", flush=True)
+    elif params:
         optimizer = torch.optim.SGD(
             params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
         )

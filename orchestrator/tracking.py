@@ -41,7 +41,21 @@ def ensure_experiment(uri: str, name: str) -> str:
     """
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file.
+
+    MLflow's default is ``./mlruns`` relative to whichever process creates the experiment,
+    which scatters artifacts over launch directories; a server decides for itself (None).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts" / name).as_uri()
 
 
 def start_run(

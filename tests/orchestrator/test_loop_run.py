@@ -154,3 +154,52 @@ def test_every_registered_method_runs_through_the_loop(tmp_path, name):
     metrics, captured = _learned(tmp_path, cfg)
     assert 0.0 <= metrics["test_acc"] <= 100.0
     assert metrics["trainable_params"] == sum(v.numel() for v in captured["state"].values())
+
+
+def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, monkeypatch):
+    """The full-batch hook replaces SGD: weights are the train-split solution for the chosen C."""
+    from vlprompt import datasets as vds
+    from vlprompt.methods.linear_probe import LinearProbe, solve
+    from vlprompt.orchestrator.loop import prepare_data
+
+    seen = {}
+    original_fit = LinearProbe.fit
+
+    def recording_fit(self, train, val):
+        seen.update(train=train, val=val, backbone=self.backbone)
+        return original_fit(self, train, val)
+
+    monkeypatch.setattr(LinearProbe, "fit", recording_fit)
+    monkeypatch.chdir(tmp_path)  # the SQLite store's default artifact root is relative to the cwd
+    cfg = _cfg(tmp_path, method=("method.name=linear_probe", "method.search_steps=2"))
+    uri = cfg.tracking.uri
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "unit"), "probe")
+    captured = {}
+    metrics = run(
+        cfg,
+        WorkerContext(0, 1, CPU),
+        run_id,
+        lambda m, d: captured.update(state=torch.load(os.path.join(d, "learned_state.pt"))) if d else None,
+    )
+    tracking.finish_run(uri, run_id)
+    data = MlflowClient(uri).get_run(run_id).data
+    assert 0.0 <= metrics["test_acc"] <= 100.0 and data.metrics["test_acc"] == metrics["test_acc"]
+    assert "train_loss" not in data.metrics  # no SGD epochs ran
+    chosen = data.metrics["probe_c"]
+    assert chosen > 0 and data.metrics["probe_val_acc"] == pytest.approx(metrics["val_acc"])
+    assert data.params["train_transform"] == data.params["test_transform"]
+
+    # fit saw the whole few-shot train split once, encoded with the test transform
+    train, backbone = seen["train"], seen["backbone"]
+    splits = prepare_data(cfg).splits
+    assert train.labels.tolist() == [d.label for d in splits.train]
+    tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    images = torch.stack([vds.ImageDataset(splits.train[:3], tf)[i][0] for i in range(3)])
+    with torch.no_grad():
+        assert torch.allclose(train.features[:3], backbone.encode_image(images).float(), atol=1e-5)
+    assert len(seen["val"]) == len(splits.val) > 0
+    # the saved weights are the train-only solve with the chosen C (val only picked C)
+    x = torch.nn.functional.normalize(train.features, dim=-1)
+    expected = solve(x, train.labels, len(splits.classnames), chosen)
+    assert torch.allclose(captured["state"]["weight"], expected.weight.float(), atol=1e-6)
+    assert torch.allclose(captured["state"]["bias"], expected.bias.float(), atol=1e-6)
