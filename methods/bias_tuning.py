@@ -26,7 +26,7 @@ parameters on ViT-B/16.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -70,6 +70,11 @@ class BiasTuningConfig:
     slots: int | dict[str, int] = 1
     """Bias vectors per (tower, block, site): vector ``j < slots-1`` for token position ``j``, the
     last for all later positions (1: one bias for every token); or ``{"text": .., "vision": ..}``."""
+    match: str | None = None
+    """A prompt configuration to match in trainable parameters, as ``"<method> key=value ..."``
+    (e.g. ``"ivlp n_ctx_text=2 n_ctx_vision=2 depth_text=9 depth_vision=9"``). When set, the
+    placement (tower, layers, site, slots) is chosen by :func:`vlprompt.methods.param_match.
+    match_bias_tuning` on the actual backbone and replaces the fields above."""
     template: str | None = None
     """Hand-crafted text template for every task (``"a photo of a {}."``); overrides ``templates``."""
     templates: dict[str, str] = field(default_factory=dict)
@@ -95,6 +100,8 @@ class BiasTuningConfig:
             if not _is_int(slots, 1):
                 raise ValueError(f"bias_tuning slots for {tower} must be an integer >= 1, got {slots!r}")
         check_templates("bias_tuning", self.template, self.templates)
+        if self.match is not None:
+            parse_match(self.match)
 
     @property
     def towers(self) -> tuple[str, ...]:
@@ -204,6 +211,35 @@ class BiasTuning(nn.Module):
         return {name: t.detach().clone() for name, t in self.state_dict().items()}
 
 
+def parse_match(spec: str) -> tuple[str, dict[str, object]]:
+    """``"ivlp n_ctx_text=2 depth_text=9"`` → ``("ivlp", {"n_ctx_text": 2, "depth_text": 9})``.
+
+    A string (not a mapping) so that a sweep can choose it like any other categorical value.
+    Values are read as int, float, true/false or else kept as text.
+    """
+    words = spec.split() if isinstance(spec, str) else []
+    if not words or "=" in words[0]:
+        raise ValueError(f"bias_tuning match must look like '<method> key=value ...', got {spec!r}")
+    options: dict[str, object] = {}
+    for word in words[1:]:
+        key, sep, raw = word.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bias_tuning match: {word!r} in {spec!r} is not key=value")
+        options[key] = _scalar(raw)
+    return words[0], options
+
+
+def _scalar(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def tower_positions(backbone: Backbone, tower: str) -> int:
     """Token positions a tower runs on: the text context length, or 1 + patches."""
     if tower == "text":
@@ -213,6 +249,13 @@ def tower_positions(backbone: Backbone, tower: str) -> int:
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTuningConfig) -> BiasTuning:
     """Zero biases at the configured places; the template prompts embedded once."""
+    if cfg.match is not None:
+        # param_match builds bias-tuning modules itself, hence the import here
+        from vlprompt.methods.param_match import match_bias_tuning
+
+        method, options = parse_match(cfg.match)
+        placement = match_bias_tuning(backbone, method, options).config
+        cfg = replace(placement, template=cfg.template, templates=cfg.templates)
     classes = TaskClasses.of(tasks)
     unknown = sorted(set(cfg.templates) - set(classes.spans))
     if unknown and cfg.template is None:

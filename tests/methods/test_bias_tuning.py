@@ -182,3 +182,28 @@ def test_parameter_matching_on_vit_b16(vit_b16: Backbone) -> None:
     maple = match_bias_tuning(vit_b16, "maple", {})
     assert (maple.prompt_params, maple.bias_params, maple.difference) == (3_555_072, 3_554_816, 256)
     assert count_pair(vit_b16, "maple", {}, maple.config) == (3_555_072, 3_554_816)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ivlp n_ctx_text=2 n_ctx_vision=2 depth_text=2 depth_vision=2",
+        "coop n_ctx=4",
+        "maple n_ctx=2 prompt_depth=2",
+    ],
+)
+def test_match_option_builds_the_parameter_matched_placement(tiny: Backbone, spec: str) -> None:
+    """``match`` is how a sweep asks for "the bias configuration of this prompt configuration"."""
+    name, *pairs = spec.split()
+    options = {k: int(v) for k, v in (p.split("=") for p in pairs)}
+    prompt = build_method(name, tiny, {"t": CLASSES}, options)
+    expected = match_bias_tuning(tiny, name, options)
+    method = bias(tiny, match=spec, tower="text", layers=1)  # placement fields are replaced
+    assert count_trainable(method) == expected.bias_params
+    assert expected.exact and count_trainable(method) == count_trainable(prompt)
+
+
+@pytest.mark.parametrize("spec", ["", "n_ctx=2", "ivlp n_ctx_text", "ivlp depth=9 =3"])
+def test_match_option_rejects_malformed_specs(spec: str) -> None:
+    with pytest.raises(ValueError, match="match"):
+        BiasTuningConfig(match=spec)
