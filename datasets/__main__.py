@@ -1,7 +1,9 @@
-"""``python -m vlprompt.datasets {list,generate,check}`` — see the catalog, write a stand-in, check data.
+"""``python -m vlprompt.datasets {list,generate,check,doctor,make-split}`` — catalog, stand-ins, data checks.
 
-``check`` is the data doctor: it reads a dataset exactly as a run would and prints the
-class count, split sizes and fingerprint, or the error that says which file is missing.
+``check`` reads one dataset exactly as a run would and prints the class count, split sizes
+and fingerprint, or the error that says which file is missing. ``doctor`` does that for
+every catalog entry under a data root (``doctor.py``). ``make-split`` writes a missing
+split file for a folder-per-class dataset, on request only (``makesplit.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from vlprompt.datasets.catalog import CATALOG
+from vlprompt.datasets.doctor import diagnose, report
 from vlprompt.datasets.generate import generate_dataset
+from vlprompt.datasets.makesplit import DEFAULT_SEED, make_split
 from vlprompt.datasets.splits import load_dataset, split_fingerprint
 
 
@@ -29,12 +33,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="read a dataset as a run would and summarise it")
     check.add_argument("name", choices=sorted(CATALOG))
     check.add_argument("--root", required=True)
+    doc = sub.add_parser("doctor", help="walk a data root: found / missing / broken per catalog entry")
+    doc.add_argument("names", nargs="*", choices=[[], *sorted(CATALOG)], metavar="NAME")
+    doc.add_argument("--root", required=True)
+    doc.add_argument("--verify-images", action="store_true", help="also decode every image")
+    mk = sub.add_parser("make-split", help="write a missing split file (50/20/30 per class folder)")
+    mk.add_argument("name", choices=sorted(k for k, e in CATALOG.items() if e.split_rule))
+    mk.add_argument("--root", required=True)
+    mk.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    mk.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "list":
         for key in sorted(CATALOG):
             entry = CATALOG[key]
-            print(f"{key:<12} {len(entry.classnames):>4} classes  {entry.description}")
+            print(f"{key:<12} {entry.num_classes:>4} classes  {entry.description}")
             print(f"{'':<12} layout: {entry.layout}")
     elif args.command == "generate":
         folder = generate_dataset(
@@ -46,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_classes=args.num_classes,
         )
         print(folder)
+    elif args.command == "doctor":
+        text, code = report(diagnose(args.root, args.names, verify_images=args.verify_images), args.root)
+        print(text)
+        return code
+    elif args.command == "make-split":
+        try:
+            path = make_split(args.name, args.root, seed=args.seed, overwrite=args.overwrite)
+        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(path)
     else:
         try:
             splits = load_dataset(args.name, args.root)

@@ -33,6 +33,9 @@ class CatalogEntry:
     ``"{cls}/{cls}_{n}.jpg"`` for EuroSAT's ``2750/Forest/Forest_12.jpg``. ``styles`` gives
     each class a distinct (colour, shape) so that generated classes are learnable.
     ``annotations`` names extra files the real layout has ("oxford_pets" → ``annotations/``).
+    ``world`` names a task of ``vlprompt.datasets.smallworld`` that draws the images instead
+    (``styles`` are then placeholders kept only so every entry has the same shape), and
+    ``images_per_class`` is what ``generate_dataset`` writes when not told otherwise.
     The class lists only drive the generator and listings: ``load_dataset`` takes class names
     and labels from the split file, as CoOp does.
     """
@@ -48,6 +51,27 @@ class CatalogEntry:
     styles: tuple[tuple[str, str], ...]
     path_pattern: str
     annotations: str = ""
+    world: str = ""
+    images_per_class: int = 40
+    # Real benchmarks (``benchmarks.py``): how ``load_dataset`` reads the folder (a key of
+    # ``readers.READERS``: "split_json", "fgvc_aircraft", "imagenet", "imagenet_v2",
+    # "imagenet_folders", "imagenet_subset"), the "<wnid> <name>" list of the ImageNet family
+    # (relative to ``folder``), the real class count when the class lists above are only the
+    # generator's stand-in subset (0: the lists are complete), how ``make_split`` may write a
+    # missing split file ("folders": Dassl ``read_and_split_data`` 50/20/30 per class folder;
+    # "": never), folders it skips (Caltech101's BACKGROUND_Google, Faces_easy), and the
+    # layout written out in words.
+    reader: str = "split_json"
+    classnames_file: str = ""
+    real_num_classes: int = 0
+    split_rule: str = ""
+    ignored_folders: tuple[str, ...] = ()
+    layout_note: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """The dataset's class count (the real one for benchmarks with a stand-in class list)."""
+        return self.real_num_classes or len(self.class_folders)
 
     def __post_init__(self) -> None:
         where = f"catalog entry {self.name!r}"
@@ -67,17 +91,20 @@ class CatalogEntry:
         for colour, shape in self.styles:
             if colour not in COLOURS or shape not in SHAPES:
                 raise ValueError(f"{where}: unknown style ({colour!r}, {shape!r})")
-        if "{cls}" not in self.path_pattern or "{n}" not in self.path_pattern:
+        needs_pattern = self.reader == "split_json"  # other readers' generators name files themselves
+        if needs_pattern and ("{cls}" not in self.path_pattern or "{n" not in self.path_pattern):
             raise ValueError(f"{where}: path_pattern {self.path_pattern!r} needs '{{cls}}' and '{{n}}'")
 
     @property
     def layout(self) -> str:
         """The expected files, written out for error messages and listings."""
+        if self.layout_note:
+            return self.layout_note
         example = self.path_pattern.format(cls=self.class_folders[0], n=1)
+        images = f"{self.folder}/{self.image_dir}" if self.image_dir else self.folder
         return (
             f"{self.folder}/{self.split_file} (split file) and "
-            f"{self.folder}/{self.image_dir}/{example} (images, paths relative to "
-            f"{self.folder}/{self.image_dir})"
+            f"{images}/{example} (images, paths relative to {images})"
         )
 
 
@@ -133,6 +160,7 @@ def _entry_eurosat() -> CatalogEntry:
         classnames=tuple(name for _, name, _ in _EUROSAT),
         styles=tuple(style for _, _, style in _EUROSAT),
         path_pattern="{cls}/{cls}_{n}.jpg",
+        split_rule="folders",  # CoOp eurosat.py: read_and_split_data with NEW_CNAMES
     )
 
 
@@ -167,10 +195,80 @@ def _entry_synthetic() -> CatalogEntry:
     )
 
 
+# --- small world ---------------------------------------------------------------------------
+# Downstream tasks of the procedural small world (``smallworld.py``), seen by the bundled
+# ``vlp-small`` CLIP. Each mirrors the role of a real benchmark; the templates are the
+# hand-written prompts zero-shot uses, deliberately unlike most pretraining captions.
+_SW_PLACEHOLDER_STYLES = tuple((colour, shape) for shape in SHAPES for colour in COLOURS)
+
+
+def _entry_smallworld(task: str, template: str, description: str) -> CatalogEntry:
+    from vlprompt.datasets.smallworld import TASKS  # local: keeps the catalog import light
+
+    names = TASKS[task].classnames
+    return CatalogEntry(
+        name=f"sw_{task}",
+        folder=f"sw_{task}",
+        image_dir="images",
+        split_file=f"split_sw_{task}.json",
+        template=template,
+        description=f"small world: {description} (generated, no download)",
+        class_folders=tuple(name.replace(" ", "_") for name in names),
+        classnames=names,
+        styles=_SW_PLACEHOLDER_STYLES[: len(names)],
+        path_pattern="{cls}/{n}.png",
+        world=task,
+        images_per_class=80,
+    )
+
+
+SMALLWORLD_TASKS: tuple[str, ...] = (
+    "sw_objects", "sw_shades", "sw_textures", "sw_satellite", "sw_counting",
+)  # fmt: skip
+"""The small-world multi-task group: one task per benchmark role (objects, fine-grained,
+textures, satellite, counting). Domain-shifted renderings of ``sw_objects``:"""
+SMALLWORLD_SHIFTS: tuple[str, ...] = (
+    "sw_objects_sketch", "sw_objects_cartoon", "sw_objects_noisy", "sw_objects_inverted",
+)  # fmt: skip
+
+BENCHMARK_NAMES: tuple[str, ...] = (
+    "caltech101", "dtd", "fgvc_aircraft", "food101", "oxford_flowers", "stanford_cars", "sun397",
+    "ucf101", "imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
+)  # fmt: skip
+"""The real benchmarks whose entries ``benchmarks.BENCHMARKS`` spells out (with eurosat, oxford_pets)."""
+
+
+def _entry_benchmark(name: str) -> CatalogEntry:
+    from vlprompt.datasets.benchmarks import BENCHMARKS  # plain data; it does not import the catalog
+
+    return CatalogEntry(name=name, **BENCHMARKS[name])
+
+
 CATALOG: dict[str, CatalogEntry] = {
     "eurosat": _entry_eurosat(),
     "oxford_pets": _entry_oxford_pets(),
     "synthetic": _entry_synthetic(),
+    # the CoOp benchmarks (benchmarks.py): 11 datasets + 4 ImageNet shifts (test only)
+    **{name: _entry_benchmark(name) for name in BENCHMARK_NAMES},
+    # generic objects with a distractor, like Caltech101
+    "sw_objects": _entry_smallworld("objects", "a photo of a {}.", "10 shapes among distractors"),
+    # fine-grained: 8 hues x light/plain/dark, like FGVC-Aircraft's near-identical variants
+    "sw_shades": _entry_smallworld("shades", "a photo of a {} object.", "24 colour shades"),
+    # textures, like DTD
+    "sw_textures": _entry_smallworld("textures", "{} texture.", "8 background textures"),
+    # top-down land use with EuroSAT's class names, which captions seldom use
+    "sw_satellite": _entry_smallworld(
+        "satellite", "a centered satellite photo of {}.", "10 land-use classes seen from above"
+    ),
+    # counting, 1-5 objects
+    "sw_counting": _entry_smallworld("counting", "a photo of {} objects.", "count 1 to 5 objects"),
+    # domain generalisation: sw_objects' classes in shifted renderings
+    "sw_objects_sketch": _entry_smallworld("objects_sketch", "a photo of a {}.", "sw_objects as sketches"),
+    "sw_objects_cartoon": _entry_smallworld("objects_cartoon", "a photo of a {}.", "sw_objects as cartoons"),
+    "sw_objects_noisy": _entry_smallworld("objects_noisy", "a photo of a {}.", "sw_objects with heavy noise"),
+    "sw_objects_inverted": _entry_smallworld(
+        "objects_inverted", "a photo of a {}.", "sw_objects in inverted colours (never seen in pretraining)"
+    ),
 }
 
 

@@ -96,6 +96,8 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     return replace(
         splits,
         classnames=tuple(splits.classnames[y] for y in selected),
+        wnids=tuple(splits.wnids[y] for y in selected) if splits.wnids else (),
+        imagenet_labels=tuple(splits.imagenet_labels[y] for y in selected) if splits.imagenet_labels else (),
         train=keep(splits.train),
         val=keep(splits.val),
         test=keep(splits.test),

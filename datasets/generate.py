@@ -16,6 +16,9 @@ Per class the images are split 50/20/30 into train/val/test, the ratio CoOp uses
 regenerates a split (Dassl ``read_and_split_data``: ``round(n * 0.5)``, ``round(n * 0.2)``,
 the rest). The default of 40 images per class leaves 20 training images, enough for the
 16-shot protocol.
+
+Small-world entries (``CatalogEntry.world``) are drawn by ``smallworld.render_task_image``
+instead, with the entry's own default image count (80: 40/16/24), same layout and seeding.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlprompt.datasets.catalog import CatalogEntry, get_entry
+from vlprompt.datasets.smallworld import render_task_image
 from vlprompt.datasets.splits import Row, write_split_file
 from vlprompt.datasets.types import SPLIT_NAMES
 
@@ -67,7 +71,7 @@ def generate_dataset(
     name: str,
     root: str | Path,
     *,
-    images_per_class: int = 40,
+    images_per_class: int | None = None,
     image_size: int = 32,
     seed: int = 0,
     num_classes: int | None = None,
@@ -82,6 +86,8 @@ def generate_dataset(
     ``FileExistsError`` — the generator never deletes or overwrites a dataset.
     """
     entry = get_entry(name)
+    if images_per_class is None:
+        images_per_class = entry.images_per_class
     n_classes = len(entry.class_folders) if num_classes is None else num_classes
     if not 1 <= n_classes <= len(entry.class_folders):
         raise ValueError(
@@ -149,6 +155,17 @@ def split_counts(images_per_class: int) -> tuple[int, int, int]:
 
 
 def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:
+    if entry.reader != "split_json":  # FGVC lists, ImageNet family: written by benchmarks.py
+        from vlprompt.datasets.benchmarks import write_layout
+
+        def image_for(label: int, index: int) -> Image.Image:
+            rng = np.random.default_rng([params["seed"], label, index])
+            return render(entry.styles[label], params["image_size"], rng)
+
+        write_layout(entry, folder, params, image_for, _save)
+        text = json.dumps(params, indent=2, sort_keys=True)
+        (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
+        return
     image_root = folder / entry.image_dir
     n_train, n_val, _ = split_counts(params["images_per_class"])
     rows: dict[str, list[Row]] = {split: [] for split in SPLIT_NAMES}
@@ -156,7 +173,10 @@ def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:
         for index in range(params["images_per_class"]):
             rel = entry.path_pattern.format(cls=entry.class_folders[label], n=index + 1)
             rng = np.random.default_rng([params["seed"], label, index])
-            image = render(entry.styles[label], params["image_size"], rng)
+            if entry.world:
+                image = render_task_image(entry.world, label, params["image_size"], rng)
+            else:
+                image = render(entry.styles[label], params["image_size"], rng)
             _save(image, image_root / rel)
             split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
             rows[split].append((rel, label, entry.classnames[label]))

@@ -40,6 +40,10 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
     ``replace("_", " ")`` so that ``Datum.classname`` is ready for a prompt.
     """
     entry = get_entry(name)
+    if entry.reader != "split_json":  # FGVC-Aircraft's lists, the ImageNet family: readers.py
+        from vlprompt.datasets.readers import read_dataset
+
+        return read_dataset(entry, Path(root))
     folder = Path(root) / entry.folder
     split_path = folder / entry.split_file
     image_root = folder / entry.image_dir
@@ -57,6 +61,12 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
             f"dataset {entry.name!r}: split file {split_path} not found. vlprompt reads the CoOp "
             f"split files (CoOp DATASETS.md) and does not re-split the images: put "
             f"{entry.split_file} in {folder}. Expected layout: {entry.layout}."
+            + (
+                f" Without the published file, `python -m vlprompt.datasets make-split {entry.name} "
+                f"--root {root}` writes a deterministic 50/20/30 split there (not the papers' split)."
+                if entry.split_rule
+                else ""
+            )
         )
     if not image_root.is_dir():
         raise FileNotFoundError(

@@ -45,6 +45,11 @@ class DatasetSplits:
     val: tuple[Datum, ...]
     test: tuple[Datum, ...]
     image_root: str = ""
+    # ImageNet family only: each label's wnid and its index among ImageNet's 1000 classes
+    # (the lines of classnames.txt), so a 1000-way classifier's predictions can be scored
+    # on ImageNet-A/R's 200 classes (``logits[:, splits.imagenet_labels]``).
+    wnids: tuple[str, ...] = ()
+    imagenet_labels: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,84 @@
+"""The data doctor: walk a data root and say, per catalog entry, what is there and what is not.
+
+``python -m vlprompt.datasets doctor --root DATA [NAME ...] [--verify-images]`` reads every
+dataset exactly as a run would (``load_dataset``) and prints one line per entry:
+
+* ``found``   — classes, images and split sizes (and "k of N classes" for a partial copy);
+* ``missing`` — the dataset folder is absent: the exact paths expected under the root;
+* ``broken``  — the folder is there but cannot be read: ``load_dataset``'s error, which names
+  the missing file or the bad row, plus a make-split hint where one applies. With
+  ``--verify-images`` every listed image is also decoded, and unreadable ones make the entry
+  broken and are listed.
+
+The exit code is 0 when nothing is broken: a missing dataset is not an error (few people
+keep all of them), a present but unreadable one is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlprompt.datasets.catalog import CATALOG, get_entry
+from vlprompt.datasets.images import load_image
+from vlprompt.datasets.splits import load_dataset
+from vlprompt.datasets.types import SPLIT_NAMES
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    status: str  # "found" | "missing" | "broken"
+    summary: str
+    details: tuple[str, ...] = field(default=())
+
+
+def examine(name: str, root: Path, *, verify_images: bool = False) -> Finding:
+    """The doctor's finding for one catalog entry under ``root``."""
+    entry = get_entry(name)
+    folder = root / entry.folder
+    if not folder.exists():
+        return Finding(name, "missing", f"{folder} absent; expected under {root}: {entry.layout}")
+    try:
+        splits = load_dataset(name, root)
+    except (FileNotFoundError, ValueError, OSError) as exc:  # its message names the path (and make-split)
+        return Finding(name, "broken", str(exc))
+    paths = {d.path for s in SPLIT_NAMES for d in splits.split(s)}
+    sizes = " / ".join(f"{s} {len(splits.split(s))}" for s in SPLIT_NAMES)
+    classes = f"{splits.num_classes} classes"
+    if splits.num_classes != entry.num_classes:
+        classes = f"{splits.num_classes} of {entry.num_classes} classes"
+    summary = f"{classes}, {len(paths)} images ({sizes})"
+    if verify_images:
+        bad = []
+        for path in sorted(paths):
+            try:
+                load_image(path)
+            except OSError:
+                bad.append(path)
+        if bad:
+            lines = tuple(f"unreadable: {p}" for p in bad[:20]) + (
+                (f"... and {len(bad) - 20} more",) if len(bad) > 20 else ()
+            )
+            return Finding(name, "broken", f"{summary}; {len(bad)} unreadable images", lines)
+        summary += ", all images readable"
+    return Finding(name, "found", summary)
+
+
+def diagnose(
+    root: str | Path, names: Iterable[str] | None = None, *, verify_images: bool = False
+) -> list[Finding]:
+    """Findings for ``names`` (default: every catalog entry, sorted)."""
+    return [examine(n, Path(root), verify_images=verify_images) for n in (names or sorted(CATALOG))]
+
+
+def report(findings: list[Finding], root: str | Path) -> tuple[str, int]:
+    """The printed report and the exit code (1 if any entry is broken)."""
+    lines = [f"vlprompt data doctor: {root}"]
+    for f in findings:
+        lines.append(f"{f.status:<8} {f.name:<20} {f.summary}")
+        lines.extend(f"{'':<29} {d}" for d in f.details)
+    counts = {s: sum(f.status == s for f in findings) for s in ("found", "missing", "broken")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines), int(counts["broken"] > 0)
