@@ -39,7 +39,10 @@ class DataConfig:
     dataset: str = "synthetic"
     root: str = "data"  # folder holding the dataset folders; made absolute before Ray sees it
     shots: int = 16  # images per class for training; <= 0 means every training image
-    protocol: str = "few_shot"  # few_shot | base_to_novel
+    protocol: str = "few_shot"  # few_shot | base_to_novel | cross_dataset | domain_generalisation
+    # cross_dataset / domain_generalisation: after training on `dataset`, evaluate the learned
+    # state on each of these datasets' test split with their own class names and templates
+    eval_targets: list[str] = field(default_factory=list)
     generate_missing: bool = False  # write procedural data when the folder is missing (synthetic data only)
     loader_workers: int = 0  # torch DataLoader worker processes
 
@@ -162,7 +165,7 @@ def _first_line(err: Exception) -> str:
 
 
 _CHOICES = {
-    "data.protocol": ("few_shot", "base_to_novel"),
+    "data.protocol": ("few_shot", "base_to_novel", "cross_dataset", "domain_generalisation"),
     "model.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "resources.use_gpu": ("auto", "true", "false"),
@@ -171,10 +174,13 @@ _CHOICES = {
 }
 
 
-_PROTOCOL_METRICS = {
+PROTOCOL_METRICS = {
     "few_shot": ("test_acc", "val_acc"),
     "base_to_novel": ("test_acc", "val_acc", "base_acc", "novel_acc", "hm"),
+    "cross_dataset": ("test_acc", "val_acc", "target_acc_mean"),
+    "domain_generalisation": ("test_acc", "val_acc", "target_acc_mean"),
 }
+_TRANSFER = ("cross_dataset", "domain_generalisation")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -191,7 +197,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.warmup_epochs must be between 0 and train.epochs")
     if cfg.resources.cpus_per_worker <= 0:
         raise ConfigError("resources.cpus_per_worker must be > 0")
-    metrics = _PROTOCOL_METRICS[cfg.data.protocol]
+    metrics = PROTOCOL_METRICS[cfg.data.protocol]
     if cfg.sweep.metric not in metrics:
         raise ConfigError(
             f"sweep.metric={cfg.sweep.metric!r}: protocol {cfg.data.protocol} reports {', '.join(metrics)}"
@@ -208,10 +214,22 @@ def _validate_names(cfg: DictConfig) -> None:
     from vlprompt.datasets import get_entry
     from vlprompt.methods import clip  # noqa: F401 - registers vlprompt's model configs
 
-    try:
-        get_entry(cfg.data.dataset)
-    except ValueError as err:
-        raise ConfigError(f"data.dataset: {err}") from None
+    for key, name in [("data.dataset", cfg.data.dataset)] + [
+        (f"data.eval_targets[{i}]", t) for i, t in enumerate(cfg.data.eval_targets)
+    ]:
+        try:
+            get_entry(name)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    if (cfg.data.protocol in _TRANSFER) != bool(cfg.data.eval_targets):
+        raise ConfigError(
+            f"data.protocol={cfg.data.protocol} "
+            + (
+                "needs data.eval_targets (the datasets to transfer to)"
+                if cfg.data.protocol in _TRANSFER
+                else "takes no data.eval_targets; use cross_dataset or domain_generalisation"
+            )
+        )
     if cfg.model.name not in open_clip.list_models():
         close = difflib.get_close_matches(cfg.model.name, open_clip.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -83,21 +83,26 @@ class RunData:
     splits: vds.DatasetSplits  # training classes (all, or base for base-to-novel)
     novel: vds.DatasetSplits | None  # novel classes (base-to-novel only)
     fingerprint: str
+    targets: dict[str, vds.DatasetSplits]  # cross-dataset / domain-generalisation test sets
 
 
 def prepare_data(cfg: DictConfig) -> RunData:
     """Read the dataset, sample the few-shot subset, apply the protocol's class split."""
     root = Path(cfg.data.root)
-    entry = vds.get_entry(cfg.data.dataset)
-    if cfg.data.generate_missing and not (root / entry.folder).exists():
-        vds.generate_dataset(cfg.data.dataset, root, seed=0)
-    full = vds.load_dataset(cfg.data.dataset, root)
-    fewshot = vds.sample_fewshot(full, cfg.data.shots, cfg.seed)
+
+    def load(name: str) -> vds.DatasetSplits:
+        if cfg.data.generate_missing and not (root / vds.get_entry(name).folder).exists():
+            vds.generate_dataset(name, root, seed=0)
+        return vds.load_dataset(name, root)
+
+    fewshot = vds.sample_fewshot(load(cfg.data.dataset), cfg.data.shots, cfg.seed)
+    targets = {name: load(name) for name in cfg.data.eval_targets}
+    fingerprint = vds.split_fingerprint(fewshot)
     if cfg.data.protocol == "base_to_novel":
         base = vds.subsample_classes(fewshot, "base")
         novel = vds.subsample_classes(fewshot, "new")
-        return RunData(base, novel, vds.split_fingerprint(fewshot))
-    return RunData(fewshot, None, vds.split_fingerprint(fewshot))
+        return RunData(base, novel, fingerprint, targets)
+    return RunData(fewshot, None, fingerprint, targets)
 
 
 class _Source:
@@ -273,6 +278,21 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
             ctx.device
         )
 
+    def transfer(splits: vds.DatasetSplits, what: str) -> nn.Module:
+        """The trained method's learned state in a method built for other classes/templates."""
+        moved = build(splits)
+        state = method.learned_state()
+        try:
+            unexpected = moved.load_state_dict(state, strict=False).unexpected_keys
+        except RuntimeError as err:  # shape mismatch, e.g. class-specific context
+            unexpected = [f"{sorted(state)} ({str(err).splitlines()[-1].strip()})"]
+        if unexpected:
+            raise ValueError(
+                f"{method_name}: learned state {unexpected} does not transfer to {what} "
+                "(class-specific parameters cannot be evaluated on other classes)"
+            )
+        return moved.eval()
+
     method = build(data.splits)
     params = trainable_parameters(method)
     _broadcast_parameters(params, ctx)
@@ -298,6 +318,8 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     }
     if data.novel is not None:
         sources["novel_test"] = _Source(data.novel.test, test_tf, workers)
+    for name, target in data.targets.items():
+        sources[f"target/{name}"] = _Source(target.test, test_tf, workers)
     if frozen_images:  # deterministic test transform → cached features are exact
         for src in sources.values():
             src.cache_features(backbone, 1, ctx.device, cfg.train.eval_batch_size)
@@ -371,22 +393,16 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     if len(sources["val"]):
         metrics["val_acc"] = evaluate(method, sources["val"], task, cfg, ctx)
     if data.novel is not None:
-        novel_method = build(data.novel)
-        state = method.learned_state()
-        try:
-            unexpected = novel_method.load_state_dict(state, strict=False).unexpected_keys
-        except RuntimeError as err:  # shape mismatch, e.g. class-specific context
-            unexpected = [f"{sorted(state)} ({str(err).splitlines()[-1].strip()})"]
-        if unexpected:
-            raise ValueError(
-                f"{method_name}: learned state {unexpected} does not transfer to novel classes "
-                "(class-specific parameters cannot be evaluated base-to-novel)"
-            )
-        novel_method.eval()
+        novel_method = transfer(data.novel, "the novel classes")
         base, novel = metrics["test_acc"], evaluate(novel_method, sources["novel_test"], task, cfg, ctx)
         metrics.update(
             base_acc=base, novel_acc=novel, hm=0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
         )
+    for name, target in data.targets.items():
+        target_method = transfer(target, f"dataset {name!r}")
+        metrics[f"target_acc/{name}"] = evaluate(target_method, sources[f"target/{name}"], task, cfg, ctx)
+    if data.targets:
+        metrics["target_acc_mean"] = sum(metrics[f"target_acc/{n}"] for n in data.targets) / len(data.targets)
     t_end = time.perf_counter()
     metrics.update(
         trainable_params=float(n_trainable),

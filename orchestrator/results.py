@@ -12,6 +12,7 @@ from typing import Any
 
 #: Metrics a trial reports that belong in tables (in this order).
 METRIC_COLUMNS = (
+    "target_acc_mean",
     "test_acc",
     "val_acc",
     "base_acc",
@@ -21,7 +22,7 @@ METRIC_COLUMNS = (
     "time_worker_s",
     "time_train_s",
 )
-_TABLE_METRICS = ("test_acc", "base_acc", "novel_acc", "hm")
+_TABLE_METRICS = ("test_acc", "base_acc", "novel_acc", "hm", "target_acc_mean")
 _KEYS = ("method", "options", "dataset", "protocol", "shots")
 
 

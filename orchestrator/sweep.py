@@ -299,7 +299,13 @@ def _row(result: Any) -> dict[str, Any]:
         "model": cfg.model.name,
         "options": {k: v for k, v in cfg.method.items() if k != "name"},
     }
-    row.update({k: v for k, v in (result.metrics or {}).items() if k in results.METRIC_COLUMNS})
+    row.update(
+        {
+            k: v
+            for k, v in (result.metrics or {}).items()
+            if k in results.METRIC_COLUMNS or k.startswith("target_acc/")
+        }
+    )
     if result.error is not None:
         row["error"] = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
     return row

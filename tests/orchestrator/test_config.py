@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,13 @@ def test_overrides_apply_in_order():
         (["data.dataset=eurosatt"], "eurosat"),
         (["model.name=ViT-B-61"], "ViT-B-16"),
         (["sweep.metric=hm"], "sweep.metric"),  # few-shot runs report no harmonic mean
+        (["data.protocol=cross_dataset"], "data.eval_targets"),
+        (["data.eval_targets=[eurosat]"], "cross_dataset"),
+        (["data.protocol=cross_dataset", "data.eval_targets=[eurosatt]"], "data.eval_targets[0]"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("quickstart", overrides)
 
 

@@ -203,3 +203,27 @@ def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, 
     expected = solve(x, train.labels, len(splits.classnames), chosen)
     assert torch.allclose(captured["state"]["weight"], expected.weight.float(), atol=1e-6)
     assert torch.allclose(captured["state"]["bias"], expected.bias.float(), atol=1e-6)
+
+
+def test_cross_dataset_transfer_scores_each_target_with_its_own_classes(tmp_path):
+    """Zero-shot 'trained' on one dataset and transferred must equal zero-shot run on the target."""
+    targets = "data.eval_targets=[eurosat,oxford_pets]"
+    cfg = _cfg(tmp_path, "data.protocol=cross_dataset", targets, method=("method.name=zeroshot",))
+    metrics = run(cfg, WorkerContext(0, 1, CPU), None, None)
+    for name in ("eurosat", "oxford_pets"):
+        direct = run(
+            _cfg(tmp_path, f"data.dataset={name}", method=("method.name=zeroshot",)),
+            WorkerContext(0, 1, CPU),
+            None,
+            None,
+        )
+        assert metrics[f"target_acc/{name}"] == pytest.approx(direct["test_acc"])
+    assert metrics["target_acc_mean"] == pytest.approx(
+        (metrics["target_acc/eurosat"] + metrics["target_acc/oxford_pets"]) / 2
+    )
+    # a prompt method transfers its shared context; class-specific context cannot transfer
+    coop = _cfg(tmp_path, "data.protocol=cross_dataset", targets, "train.epochs=1")
+    assert 0 <= run(coop, WorkerContext(0, 1, CPU), None, None)["target_acc/eurosat"] <= 100
+    csc = _cfg(tmp_path, "data.protocol=domain_generalisation", targets, "method.csc=true", "train.epochs=1")
+    with pytest.raises(ValueError, match="does not transfer to dataset 'eurosat'"):
+        run(csc, WorkerContext(0, 1, CPU), None, None)
