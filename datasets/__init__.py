@@ -15,6 +15,7 @@ path through it::
 
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
 from vlprompt.datasets.fewshot import base_novel_labels, sample_fewshot, subsample_classes
+from vlprompt.datasets.fewshot_cache import cached_fewshot
 from vlprompt.datasets.generate import generate_dataset
 from vlprompt.datasets.images import ImageDataset, load_image, test_transform, train_transform
 from vlprompt.datasets.splits import (
@@ -34,6 +35,7 @@ __all__ = [
     "Datum",
     "ImageDataset",
     "base_novel_labels",
+    "cached_fewshot",
     "dataset_folder",
     "generate_dataset",
     "get_entry",

@@ -95,7 +95,8 @@ def prepare_data(cfg: DictConfig) -> RunData:
             vds.generate_dataset(name, root, seed=0)
         return vds.load_dataset(name, root)
 
-    fewshot = vds.sample_fewshot(load(cfg.data.dataset), cfg.data.shots, cfg.seed)
+    entry = vds.get_entry(cfg.data.dataset)
+    fewshot = vds.cached_fewshot(load(cfg.data.dataset), cfg.data.shots, cfg.seed, root / entry.folder)
     targets = {name: load(name) for name in cfg.data.eval_targets}
     fingerprint = vds.split_fingerprint(fewshot)
     if cfg.data.protocol == "base_to_novel":
