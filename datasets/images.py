@@ -47,11 +47,21 @@ class ImageDataset(Dataset):
         return self.transform(load_image(item.path)), item.label
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """RandomResizedCrop(scale 0.08-1, bicubic) → horizontal flip → tensor → normalise (Dassl)."""
+def train_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.08
+) -> T.Compose:
+    """RandomResizedCrop(scale min_scale-1, bicubic) → horizontal flip → tensor → normalise (Dassl).
+
+    ``min_scale`` 0.08 is the reference (``INPUT.RRCROP_SCALE``); tiny images (the small world's
+    32 px) lose what defines their class in crops that small, hence the option.
+    """
+    if not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
     return T.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(
+                image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC
+            ),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(mean=list(mean), std=list(std)),

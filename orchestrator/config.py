@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     eval_batch_size: int = 100
     feature_views: int = 0  # >0: train frozen-image-tower methods on this many cached augmented views
+    crop_min_scale: float = 0.08  # RandomResizedCrop's lower scale bound (Dassl reference: 0.08)
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -195,6 +196,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.train.warmup_epochs < 0 or cfg.train.warmup_epochs >= cfg.train.epochs + 1:
         raise ConfigError("train.warmup_epochs must be between 0 and train.epochs")
+    if not 0.0 < cfg.train.crop_min_scale <= 1.0:
+        raise ConfigError(f"train.crop_min_scale must be in (0, 1], got {cfg.train.crop_min_scale}")
     if cfg.resources.cpus_per_worker <= 0:
         raise ConfigError("resources.cpus_per_worker must be > 0")
     metrics = PROTOCOL_METRICS[cfg.data.protocol]

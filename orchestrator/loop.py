@@ -309,7 +309,9 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     train_tf = (
         test_tf
         if full_batch
-        else vds.train_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+        else vds.train_transform(
+            backbone.image_size, backbone.image_mean, backbone.image_std, cfg.train.crop_min_scale
+        )
     )
     workers = cfg.data.loader_workers
     train_src = _Source(data.splits.train, train_tf, workers)

@@ -2,7 +2,8 @@
 
 A space is a mapping ``"section.key" -> {choice: [values], when: {"other.key": value}}``.
 ``when`` makes a parameter conditional (``method.n_ctx`` only when ``method.name`` is
-``coop``). Keys are turned into Optuna names with ``/`` (``method/n_ctx``), which Ray's
+``coop``; a list, ``{method.name: [coop, kgcoop]}``, means any of them). Keys are turned
+into Optuna names with ``/`` (``method/n_ctx``), which Ray's
 ``OptunaSearch`` nests back into ``config["method"]["n_ctx"]``.
 
 ``sampler: grid`` visits every valid point exactly once: the points are enumerated here
@@ -23,7 +24,11 @@ def optuna_name(key: str) -> str:
 
 
 def _active(spec: Mapping[str, Any], point: Mapping[str, Any]) -> bool:
-    return all(point.get(k) == v for k, v in (spec.get("when") or {}).items())
+    """All ``when`` conditions hold; a list value means "any of these"."""
+    return all(
+        point.get(k) in v if isinstance(v, list | tuple) else point.get(k) == v
+        for k, v in (spec.get("when") or {}).items()
+    )
 
 
 def _ordered(space: Space) -> list[str]:

@@ -17,6 +17,7 @@ from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
 
 CPU = torch.device("cpu")
+UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
 
 
 def _cfg(tmp_path, *overrides, method=("method.name=coop", "method.n_ctx=4")):
@@ -32,7 +33,7 @@ def _cfg(tmp_path, *overrides, method=("method.name=coop", "method.n_ctx=4")):
         "sweep.space={}",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ]
-    return resolve_paths(load_config("quickstart", [*base, *overrides]), tmp_path)
+    return resolve_paths(load_config(UNIT, [*base, *overrides]), tmp_path)
 
 
 def _learned(tmp_path, cfg, ctx=None):

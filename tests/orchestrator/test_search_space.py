@@ -29,6 +29,17 @@ def test_condition_declared_after_its_dependant_still_orders_right():
     assert grid_points(space) == [{"a": "x", "b": 1}, {"a": "x", "b": 2}, {"a": "y"}]
 
 
+def test_a_list_condition_means_any_of():
+    space = {"m": {"choice": ["a", "b", "c"]}, "k": {"choice": [1, 2], "when": {"m": ["a", "b"]}}}
+    assert grid_points(space) == [
+        {"m": "a", "k": 1},
+        {"m": "a", "k": 2},
+        {"m": "b", "k": 1},
+        {"m": "b", "k": 2},
+        {"m": "c"},
+    ]
+
+
 def test_circular_conditions_are_named():
     with pytest.raises(ValueError, match="circular"):
         grid_points({"a": {"choice": [1], "when": {"b": 1}}, "b": {"choice": [1], "when": {"a": 1}}})

@@ -7,6 +7,8 @@ must say which trial failed — nothing left RUNNING.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -14,11 +16,12 @@ from vlprompt.orchestrator.config import load_config
 from vlprompt.orchestrator.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
+UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
 
 
 def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     cfg = load_config(
-        "quickstart",
+        UNIT,
         [
             f"data.root={tmp_path / 'data'}",
             "train.epochs=2",
@@ -63,7 +66,7 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     # a second launch with the same name never writes into the first sweep's folder
     again = run_sweep(
         load_config(
-            "quickstart",
+            UNIT,
             [
                 f"data.root={tmp_path / 'data'}",
                 "train.epochs=1",
