@@ -201,9 +201,13 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """An in-process Ray instance shared by one test module (Tune/Train integration tests)."""
+    """One in-process Ray instance for the whole run (Tune/Train integration tests).
+
+    Session-wide on purpose: a second ``ray.init`` in the same process after a shutdown
+    left the interpreter to crash at exit (a segfault after every test had passed).
+    """
     import ray
 
     ray.init(
