@@ -40,8 +40,8 @@ from vlprompt.methods.common import (
     cosine_logits,
     cross_entropy,
     hold_backbone,
-    pick_template,
     require_images,
+    template_sentences,
 )
 
 TOWERS = ("text", "vision")
@@ -257,11 +257,7 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTunin
         placement = match_bias_tuning(backbone, method, options).config
         cfg = replace(placement, template=cfg.template, templates=cfg.templates)
     classes = TaskClasses.of(tasks)
-    unknown = sorted(set(cfg.templates) - set(classes.spans))
-    if unknown and cfg.template is None:
-        raise ValueError(
-            f"bias_tuning templates given for unknown tasks {unknown}; tasks are {sorted(classes.spans)}"
-        )
+    texts = template_sentences("bias_tuning", classes, cfg.template, cfg.templates)
     layers: dict[str, tuple[int, ...]] = {}
     biases = nn.ParameterDict()
     for tower in cfg.towers:
@@ -274,11 +270,6 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTunin
         for site in cfg.sites:
             zeros = torch.zeros(len(layers[tower]), slots, width, device=backbone.device)
             biases[f"{tower}_{site}"] = nn.Parameter(zeros)
-    texts = [
-        pick_template("bias_tuning", cfg.template, cfg.templates, task).format(name)
-        for task, (start, stop) in classes.spans.items()
-        for name in classes.names[start:stop]
-    ]
     ids = backbone.tokenize(texts)
     with torch.no_grad():
         prompts = backbone.token_embedding(ids).float()

@@ -6,7 +6,7 @@ Kept here once so that CoOp, CoCoOp, KgCoOp, SoftCPT ... do not each re-derive t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -289,3 +289,39 @@ def require_images(method: str, batch: Batch) -> Tensor:
             "cannot be used: give Batch.images"
         )
     return batch.images
+
+
+def template_sentences(
+    method: str, classes: TaskClasses, template: str | None, templates: Mapping[str, str]
+) -> list[str]:
+    """Each class's hand-crafted sentence, in ``classes.names`` order (one row per class).
+
+    Templates given for tasks the method was not built for are an error (a misspelt task
+    name would otherwise fall back silently), unless one ``template`` overrides them all.
+    """
+    unknown = sorted(set(templates) - set(classes.spans))
+    if unknown and template is None:
+        raise ValueError(
+            f"{method} templates given for unknown tasks {unknown}; tasks are {sorted(classes.spans)}"
+        )
+    return [
+        pick_template(method, template, templates, task).format(name)
+        for task, (start, stop) in classes.spans.items()
+        for name in classes.names[start:stop]
+    ]
+
+
+def text_features_while_unchanged(
+    cache: dict[str, tuple[tuple[int, int], Tensor]], ctx: Tensor, task: str, encode: Callable[[str], Tensor]
+) -> Tensor:
+    """``encode(task)``, reused across evaluation batches while ``ctx`` is unchanged.
+
+    Prompt text features depend only on the learned context: in-place optimiser updates bump
+    its version counter and a move changes its storage, either of which invalidates the entry.
+    """
+    key = (ctx._version, ctx.data_ptr())
+    cached = cache.get(task)
+    if cached is None or cached[0] != key:
+        cached = (key, encode(task))
+        cache[task] = cached
+    return cached[1]

@@ -49,6 +49,7 @@ from vlprompt.methods.common import (
     hold_backbone,
     image_features,
     init_context,
+    text_features_while_unchanged,
 )
 
 POSITIONS = ("end", "middle", "front")
@@ -145,14 +146,8 @@ class CoOp(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        # Text features depend only on ctx: reuse them across test batches while ctx is
-        # unchanged (in-place updates bump its version, moves change its storage).
-        key = (self.ctx._version, self.ctx.data_ptr())
-        cached = self._eval_cache.get(batch.task)
-        if cached is None or cached[0] != key:
-            cached = (key, self.text_features(batch.task))
-            self._eval_cache[batch.task] = cached
-        return cosine_logits(image_features(self.backbone, batch), cached[1], self.backbone.logit_scale)
+        text = text_features_while_unchanged(self._eval_cache, self.ctx, batch.task, self.text_features)
+        return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
 
     def learned_state(self) -> dict[str, Tensor]:
         return {"ctx": self.ctx.detach().clone()}

@@ -51,7 +51,8 @@ from vlprompt.methods.common import (
     hold_backbone,
     image_features,
     init_context,
-    pick_template,
+    template_sentences,
+    text_features_while_unchanged,
 )
 
 
@@ -80,9 +81,6 @@ class KgCoOpConfig:
             raise ValueError(f"kgcoop lam must be a number >= 0, got {self.lam!r}")
         self.lam = float(self.lam)
         check_templates("kgcoop", self.template, self.templates)
-
-    def template_for(self, task: str) -> str:
-        return pick_template("kgcoop", self.template, self.templates, task)
 
 
 class KgCoOp(nn.Module):
@@ -131,12 +129,8 @@ class KgCoOp(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        key = (self.ctx._version, self.ctx.data_ptr())  # as CoOp: reuse while ctx is unchanged
-        cached = self._eval_cache.get(batch.task)
-        if cached is None or cached[0] != key:
-            cached = (key, self.text_features(batch.task))
-            self._eval_cache[batch.task] = cached
-        return cosine_logits(image_features(self.backbone, batch), cached[1], self.backbone.logit_scale)
+        text = text_features_while_unchanged(self._eval_cache, self.ctx, batch.task, self.text_features)
+        return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
 
     def learned_state(self) -> dict[str, Tensor]:
         """Only ``ctx`` -- the same key and shape as a generic CoOp checkpoint."""
@@ -146,16 +140,7 @@ class KgCoOp(nn.Module):
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: KgCoOpConfig) -> KgCoOp:
     """Initialise the context, tokenise the prompts and encode the hand-crafted targets once."""
     classes = TaskClasses.of(tasks)
-    unknown = sorted(set(cfg.templates) - set(classes.spans))
-    if unknown and cfg.template is None:
-        raise ValueError(
-            f"kgcoop templates given for unknown tasks {unknown}; tasks are {sorted(classes.spans)}"
-        )
-    sentences = [
-        cfg.template_for(task).format(name)
-        for task, (start, stop) in classes.spans.items()
-        for name in classes.names[start:stop]
-    ]
+    sentences = template_sentences("kgcoop", classes, cfg.template, cfg.templates)
     with torch.no_grad():
         targets = F.normalize(backbone.encode_text(backbone.tokenize(sentences)).float(), dim=-1)
     ctx, prompt_prefix = init_context(backbone, cfg.n_ctx, cfg.ctx_init)

@@ -30,7 +30,7 @@ from vlprompt.methods.common import (
     cosine_logits,
     hold_backbone,
     image_features,
-    pick_template,
+    template_sentences,
 )
 
 
@@ -45,9 +45,6 @@ class ZeroShotConfig:
 
     def __post_init__(self) -> None:
         check_templates("zeroshot", self.template, self.templates)
-
-    def template_for(self, task: str) -> str:
-        return pick_template("zeroshot", self.template, self.templates, task)
 
 
 class ZeroShotCLIP(nn.Module):
@@ -79,16 +76,7 @@ class ZeroShotCLIP(nn.Module):
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: ZeroShotConfig) -> ZeroShotCLIP:
     """Encode ``template.format(class name)`` for every class of every task, once."""
     classes = TaskClasses.of(tasks)
-    unknown = sorted(set(cfg.templates) - set(classes.spans))
-    if unknown and cfg.template is None:
-        raise ValueError(
-            f"zeroshot templates given for unknown tasks {unknown}; tasks are {sorted(classes.spans)}"
-        )
-    prompts = [
-        cfg.template_for(task).format(name)
-        for task, (start, stop) in classes.spans.items()
-        for name in classes.names[start:stop]
-    ]
+    prompts = template_sentences("zeroshot", classes, cfg.template, cfg.templates)
     with torch.no_grad():
         text_features = backbone.encode_text(backbone.tokenize(prompts)).float()
     return ZeroShotCLIP(backbone, classes, text_features)
