@@ -87,6 +87,8 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
             last = err
         time.sleep(0.5)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
+    if proc is not None and proc.returncode is not None:
+        raise RuntimeError(f"{what} exited with code {proc.returncode} before it came up\n{tail}")
     raise RuntimeError(f"{what} did not come up in {timeout:.0f}s (last error: {last!r})\n{tail}")
 
 
@@ -132,6 +134,16 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         stop_group(proc)
 
 
+def _worker_port_band() -> int:
+    """First port of a 100-port band below the ephemeral range, varied by process id."""
+    try:
+        ephemeral_lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_lo = 32768
+    bands = max(1, (ephemeral_lo - 10100) // 100)
+    return 10000 + (os.getpid() % bands) * 100
+
+
 @dataclass
 class RayHead:
     dashboard: str  # Jobs API address
@@ -146,21 +158,26 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
     temp_dir = Path(f"/tmp/vlp-ray-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     temp_dir.mkdir(exist_ok=True)
     log = tmp_path_factory.mktemp("ray") / "head.log"
-    ports = {
-        name: free_port()
-        for name in (
-            "port",
-            "dashboard-port",
-            "ray-client-server-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "node-manager-port",
-            "object-manager-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-        )
-    }
-    worker_lo = 20000 + (os.getpid() % 200) * 100
+    # Worker ports come from a band below the kernel's ephemeral range, so no port that
+    # free_port() hands out (always ephemeral) can land inside it; Ray refuses to start
+    # when two of its components share a port.
+    worker_lo = _worker_port_band()
+    ports: dict[str, int] = {}
+    for name in (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "node-manager-port",
+        "object-manager-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ):
+        port = free_port()
+        while port in ports.values() or worker_lo <= port <= worker_lo + 99:
+            port = free_port()
+        ports[name] = port
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     cmd = [
         str(BIN / "ray"),
