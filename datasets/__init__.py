@@ -9,6 +9,12 @@ path through it::
     fingerprint = split_fingerprint(splits)
     data = ImageDataset(base.train, train_transform(224, mean, std))
 
+The multi-task protocol reads a task source instead (a group such as ``general10``, or
+``fashion20``, whose folder holds 20 tasks)::
+
+    tasks = load_tasks("general10", root)         # {"caltech101": TaskData(splits, cache_dir), ...}
+    fewshot = {key: cached_fewshot(t.splits, 16, 1, t.cache_dir) for key, t in tasks.items()}
+
 ``generate_dataset`` writes a procedural stand-in in any entry's real layout;
 ``python -m vlprompt.datasets`` lists, generates and checks datasets.
 """
@@ -17,7 +23,14 @@ from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
 from vlprompt.datasets.fewshot import base_novel_labels, sample_fewshot, subsample_classes
 from vlprompt.datasets.fewshot_cache import cached_fewshot
 from vlprompt.datasets.generate import generate_dataset
-from vlprompt.datasets.images import ImageDataset, load_image, test_transform, train_transform
+from vlprompt.datasets.images import (
+    ImageDataset,
+    drop_unreadable,
+    load_image,
+    test_transform,
+    train_transform,
+)
+from vlprompt.datasets.makesplit import make_split
 from vlprompt.datasets.splits import (
     dataset_folder,
     load_dataset,
@@ -25,26 +38,37 @@ from vlprompt.datasets.splits import (
     split_fingerprint,
     write_split_file,
 )
+from vlprompt.datasets.tasks import GROUPS, TaskData, check_task_source, is_multitask, load_tasks, task_names
 from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits, Datum
+from vlprompt.datasets.views import test_time_views
 
 __all__ = [
     "CATALOG",
+    "GROUPS",
     "SPLIT_NAMES",
     "CatalogEntry",
     "DatasetSplits",
     "Datum",
     "ImageDataset",
+    "TaskData",
     "base_novel_labels",
     "cached_fewshot",
+    "check_task_source",
     "dataset_folder",
+    "drop_unreadable",
     "generate_dataset",
     "get_entry",
+    "is_multitask",
     "load_dataset",
     "load_image",
+    "load_tasks",
+    "make_split",
     "read_split_file",
     "sample_fewshot",
     "split_fingerprint",
     "subsample_classes",
+    "task_names",
+    "test_time_views",
     "test_transform",
     "train_transform",
     "write_split_file",

@@ -1,9 +1,11 @@
 """``python -m vlprompt.datasets {list,generate,check,doctor,make-split}`` — catalog, stand-ins, data checks.
 
 ``check`` reads one dataset exactly as a run would and prints the class count, split sizes
-and fingerprint, or the error that says which file is missing. ``doctor`` does that for
-every catalog entry under a data root (``doctor.py``). ``make-split`` writes a missing
-split file for a folder-per-class dataset, on request only (``makesplit.py``).
+and fingerprint, or the error that says which file is missing; for a multi-task source (a
+task group such as general10, or fashion20) it prints one such summary per task. ``doctor``
+does that for every catalog entry under a data root (``doctor.py``). ``make-split`` writes a
+missing split file by the dataset's rule, on request only (``makesplit.py``; fashion20's
+per-task rule in ``fashion20.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections.abc import Sequence
 from vlprompt.datasets.catalog import CATALOG
 from vlprompt.datasets.doctor import diagnose, report
 from vlprompt.datasets.generate import generate_dataset
-from vlprompt.datasets.makesplit import DEFAULT_SEED, make_split
+from vlprompt.datasets.makesplit import DEFAULT_SEED, datasets_with_rules, make_split
 from vlprompt.datasets.splits import load_dataset, split_fingerprint
+from vlprompt.datasets.tasks import GROUPS, is_multitask, load_tasks
+from vlprompt.datasets.types import DatasetSplits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,16 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--images-per-class", type=int, default=40)
     gen.add_argument("--image-size", type=int, default=32)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--num-classes", type=int, default=None)
-    check = sub.add_parser("check", help="read a dataset as a run would and summarise it")
-    check.add_argument("name", choices=sorted(CATALOG))
+    gen.add_argument("--num-classes", type=int, default=None, help="the first N classes (fashion20: tasks)")
+    check = sub.add_parser("check", help="read a dataset (or each task of a group) as a run would")
+    check.add_argument("name", choices=sorted(CATALOG) + sorted(GROUPS))
     check.add_argument("--root", required=True)
     doc = sub.add_parser("doctor", help="walk a data root: found / missing / broken per catalog entry")
     doc.add_argument("names", nargs="*", choices=[[], *sorted(CATALOG)], metavar="NAME")
     doc.add_argument("--root", required=True)
     doc.add_argument("--verify-images", action="store_true", help="also decode every image")
-    mk = sub.add_parser("make-split", help="write a missing split file (50/20/30 per class folder)")
-    mk.add_argument("name", choices=sorted(k for k, e in CATALOG.items() if e.split_rule))
+    mk = sub.add_parser("make-split", help="write a missing split file by the dataset's rule")
+    mk.add_argument("name", choices=datasets_with_rules())
     mk.add_argument("--root", required=True)
     mk.add_argument("--seed", type=int, default=DEFAULT_SEED)
     mk.add_argument("--overwrite", action="store_true")
@@ -49,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry = CATALOG[key]
             print(f"{key:<12} {entry.num_classes:>4} classes  {entry.description}")
             print(f"{'':<12} layout: {entry.layout}")
+        print("task groups (data.protocol=multi_task; fashion20 and any dataset work there too):")
+        for key in sorted(GROUPS):
+            print(f"{key:<12} {len(GROUPS[key]):>4} tasks    {', '.join(GROUPS[key])}")
     elif args.command == "generate":
         folder = generate_dataset(
             args.name,
@@ -66,21 +73,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "make-split":
         try:
             path = make_split(args.name, args.root, seed=args.seed, overwrite=args.overwrite)
-        except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # missing files, read-only folder, bad rows
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(path)
     else:
         try:
-            splits = load_dataset(args.name, args.root)
+            if is_multitask(args.name):
+                tasks = load_tasks(args.name, args.root)
+                parts = [task.splits for task in tasks.values()]
+                n_classes = sum(splits.num_classes for splits in parts)
+                print(f"{args.name}: {len(parts)} tasks, {n_classes} classes")
+            else:
+                parts = [load_dataset(args.name, args.root)]
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        sizes = ", ".join(f"{s} {len(splits.split(s))}" for s in ("train", "val", "test"))
-        print(f"{splits.name}: {splits.num_classes} classes; {sizes}")
-        print(f"template: {splits.template!r}")
-        print(f"fingerprint: {split_fingerprint(splits)}")
+        for splits in parts:
+            _print_check(splits)
     return 0
+
+
+def _print_check(splits: DatasetSplits) -> None:
+    sizes = ", ".join(f"{s} {len(splits.split(s))}" for s in ("train", "val", "test"))
+    print(f"{splits.name}: {splits.num_classes} classes; {sizes}")
+    print(f"template: {splits.template!r}")
+    print(f"fingerprint: {split_fingerprint(splits)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple"
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 """Shape words the generator can draw."""
 
+MULTITASK_READERS: frozenset[str] = frozenset({"fashion20"})
+"""Readers of folders that hold several tasks: no single ``DatasetSplits``, see ``tasks.py``."""
+
 
 @dataclass(frozen=True)
 class CatalogEntry:
@@ -38,6 +41,11 @@ class CatalogEntry:
     ``images_per_class`` is what ``generate_dataset`` writes when not told otherwise.
     The class lists only drive the generator and listings: ``load_dataset`` takes class names
     and labels from the split file, as CoOp does.
+
+    A *multi-task* entry (``multitask``: Fashion-20, whose tasks reuse class names) lists its
+    generator's stand-in **tasks** in the class fields (folder = task id, name = task name,
+    one style per task), so ``generate_dataset``'s ``num_classes`` counts tasks for it; its
+    classes are read from the data, task by task (``fashion20.py``, ``tasks.load_tasks``).
     """
 
     name: str  # key in CATALOG
@@ -55,23 +63,32 @@ class CatalogEntry:
     images_per_class: int = 40
     # Real benchmarks (``benchmarks.py``): how ``load_dataset`` reads the folder (a key of
     # ``readers.READERS``: "split_json", "fgvc_aircraft", "imagenet", "imagenet_v2",
-    # "imagenet_folders", "imagenet_subset"), the "<wnid> <name>" list of the ImageNet family
-    # (relative to ``folder``), the real class count when the class lists above are only the
-    # generator's stand-in subset (0: the lists are complete), how ``make_split`` may write a
-    # missing split file ("folders": Dassl ``read_and_split_data`` 50/20/30 per class folder;
-    # "": never), folders it skips (Caltech101's BACKGROUND_Google, Faces_easy), and the
-    # layout written out in words.
+    # "imagenet_folders", "imagenet_subset", "fashion20"), the "<wnid> <name>" list of the
+    # ImageNet family (relative to ``folder``), the real class count when the class lists above
+    # are only the generator's stand-in subset (0: the lists are complete), how a missing split
+    # file may be written ("folders": Dassl ``read_and_split_data`` 50/20/30 per class folder,
+    # by ``make_split``; "tasks": SoftCPT's 50/20/30 per task, by ``fashion20.make_split``; "":
+    # never), folders it skips (Caltech101's BACKGROUND_Google, Faces_easy), and the layout
+    # written out in words.
     reader: str = "split_json"
     classnames_file: str = ""
     real_num_classes: int = 0
     split_rule: str = ""
     ignored_folders: tuple[str, ...] = ()
     layout_note: str = ""
+    # prompt ensembles published for this dataset, by name (zeroshot's ``ensemble`` option:
+    # "imagenet80" = CLIP's 80 ImageNet templates, "imagenet7" = CoOp's 7 selected ones)
+    ensembles: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         """The dataset's class count (the real one for benchmarks with a stand-in class list)."""
         return self.real_num_classes or len(self.class_folders)
+
+    @property
+    def multitask(self) -> bool:
+        """Whether the folder holds several classification tasks (read with ``load_tasks``)."""
+        return self.reader in MULTITASK_READERS
 
     def __post_init__(self) -> None:
         where = f"catalog entry {self.name!r}"
@@ -177,6 +194,7 @@ def _entry_oxford_pets() -> CatalogEntry:
         styles=_PET_STYLES,
         path_pattern="{cls}_{n}.jpg",
         annotations="oxford_pets",
+        split_rule="oxford_pets",  # official trainval/test lists, trainval cut 80/20 (makesplit.py)
     )
 
 
@@ -244,6 +262,36 @@ def _entry_benchmark(name: str) -> CatalogEntry:
     return CatalogEntry(name=name, **BENCHMARKS[name])
 
 
+def _entry_fashion20() -> CatalogEntry:
+    from vlprompt.datasets.fashion20 import STAND_IN_TASKS, TASK_INFO_FILE  # local, as smallworld
+
+    return CatalogEntry(
+        name="fashion20",
+        folder="fashion20",
+        image_dir="images",
+        split_file="split_dk_Fashion20.json",
+        # SoftCPT has a template per task id (fashion20.TASK_TEMPLATES, "a photo of {}, a type of
+        # pants." ...); this one only serves task ids beyond Fashion-20's 20.
+        template="a photo of a {}.",
+        description="Fashion-20 (SoftCPT), 20 fashion-attribute tasks with 78 classes in all; "
+        "multi-task: load_tasks / data.protocol=multi_task",
+        class_folders=tuple(str(i) for i in range(len(STAND_IN_TASKS))),  # stand-in tasks, see above
+        classnames=tuple(name for name, _, _ in STAND_IN_TASKS),
+        styles=tuple((colour, shape) for shape in SHAPES for colour in COLOURS)[: len(STAND_IN_TASKS)],
+        path_pattern="",
+        reader="fashion20",
+        real_num_classes=78,
+        split_rule="tasks",
+        layout_note=(
+            f"fashion20/{TASK_INFO_FILE} (a header line, then per task '<id> TAB <task name> TAB "
+            f"<description> TAB <label, label, ...>'), fashion20/images/<task id>/<class id>/<file>.jpg "
+            f"(0-based integer folders) and fashion20/split_dk_Fashion20.json (SoftCPT's split, "
+            f"[[<path under images/>, [<label>], [<task id>]], ...] per split; written 50/20/30 per "
+            f"task when absent)"
+        ),
+    )
+
+
 CATALOG: dict[str, CatalogEntry] = {
     "eurosat": _entry_eurosat(),
     "oxford_pets": _entry_oxford_pets(),
@@ -269,6 +317,8 @@ CATALOG: dict[str, CatalogEntry] = {
     "sw_objects_inverted": _entry_smallworld(
         "objects_inverted", "a photo of a {}.", "sw_objects in inverted colours (never seen in pretraining)"
     ),
+    # SoftCPT's multi-task benchmark: 20 tasks in one folder (fashion20.py)
+    "fashion20": _entry_fashion20(),
 }
 
 

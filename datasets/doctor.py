@@ -3,12 +3,14 @@
 ``python -m vlprompt.datasets doctor --root DATA [NAME ...] [--verify-images]`` reads every
 dataset exactly as a run would (``load_dataset``) and prints one line per entry:
 
-* ``found``   — classes, images and split sizes (and "k of N classes" for a partial copy);
+* ``found``   — classes, images and split sizes (and "k of N classes" for a partial copy;
+  for a multi-task dataset such as fashion20 also its tasks, "20 tasks, 78 classes");
 * ``missing`` — the dataset folder is absent: the exact paths expected under the root;
 * ``broken``  — the folder is there but cannot be read: ``load_dataset``'s error, which names
   the missing file or the bad row, plus a make-split hint where one applies. With
   ``--verify-images`` every listed image is also decoded, and unreadable ones make the entry
-  broken and are listed.
+  broken and are listed. The doctor writes nothing: fashion20 without its split file is
+  broken, with the hint that says how the file is made.
 
 The exit code is 0 when nothing is broken: a missing dataset is not an error (few people
 keep all of them), a present but unreadable one is.
@@ -20,10 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlprompt.datasets.catalog import CATALOG, get_entry
+from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
 from vlprompt.datasets.images import load_image
 from vlprompt.datasets.splits import load_dataset
-from vlprompt.datasets.types import SPLIT_NAMES
+from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,19 @@ def examine(name: str, root: Path, *, verify_images: bool = False) -> Finding:
     if not folder.exists():
         return Finding(name, "missing", f"{folder} absent; expected under {root}: {entry.layout}")
     try:
-        splits = load_dataset(name, root)
+        parts = _read_tasks(entry, folder) if entry.multitask else (load_dataset(name, root),)
     except (FileNotFoundError, ValueError, OSError) as exc:  # its message names the path (and make-split)
         return Finding(name, "broken", str(exc))
-    paths = {d.path for s in SPLIT_NAMES for d in splits.split(s)}
-    sizes = " / ".join(f"{s} {len(splits.split(s))}" for s in SPLIT_NAMES)
-    classes = f"{splits.num_classes} classes"
-    if splits.num_classes != entry.num_classes:
-        classes = f"{splits.num_classes} of {entry.num_classes} classes"
+    paths = {d.path for splits in parts for s in SPLIT_NAMES for d in splits.split(s)}
+    sizes = " / ".join(f"{s} {sum(len(splits.split(s)) for splits in parts)}" for s in SPLIT_NAMES)
+    n_classes = sum(splits.num_classes for splits in parts)
+    classes = f"{n_classes} classes"
+    if n_classes != entry.num_classes:
+        classes = f"{n_classes} of {entry.num_classes} classes"
+    if entry.multitask:  # the entry's class lists are its tasks
+        n_tasks = len(entry.class_folders)
+        tasks = f"{len(parts)} tasks" if len(parts) == n_tasks else f"{len(parts)} of {n_tasks} tasks"
+        classes = f"{tasks}, {classes}"
     summary = f"{classes}, {len(paths)} images ({sizes})"
     if verify_images:
         bad = []
@@ -64,6 +71,12 @@ def examine(name: str, root: Path, *, verify_images: bool = False) -> Finding:
             return Finding(name, "broken", f"{summary}; {len(bad)} unreadable images", lines)
         summary += ", all images readable"
     return Finding(name, "found", summary)
+
+
+def _read_tasks(entry: CatalogEntry, folder: Path) -> tuple[DatasetSplits, ...]:
+    from vlprompt.datasets.fashion20 import read_fashion20
+
+    return tuple(splits for _, splits in read_fashion20(entry, folder, make_missing_split=False))
 
 
 def diagnose(

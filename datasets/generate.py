@@ -2,7 +2,8 @@
 
 Tests and the quickstart need data without downloads, and the code reading it must be the
 code that reads the real datasets. So the generator writes the same folders, file names and
-CoOp split file the real dataset has (plus Oxford Pets' ``annotations/`` lists), filled
+CoOp split file the real dataset has (plus, where the entry names ``annotations``, the
+official lists or ``.mat`` files CoOp re-splits from: ``benchmarks.OFFICIAL_FILES``), filled
 with small drawn images: each class is one coloured shape on a noisy grey background, with
 jittered colour, size and position, so classes are distinguishable and a model can learn
 them, while no two images are identical.
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlprompt.datasets.benchmarks import OFFICIAL_FILES
 from vlprompt.datasets.catalog import CatalogEntry, get_entry
 from vlprompt.datasets.smallworld import render_task_image
 from vlprompt.datasets.splits import Row, write_split_file
@@ -56,15 +58,6 @@ RGB: dict[str, tuple[int, int, int]] = {
     "cyan": (40, 215, 225),
     "pink": (245, 140, 200),
 }
-
-# Oxford Pets annotations give each image a species (1 = cat, 2 = dog) and a breed id
-# counted within its species; the cat breeds are the capitalised ones in the file names.
-_OXFORD_PETS_CATS = frozenset(
-    {
-        "Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau",
-        "Maine_Coon", "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx",
-    }
-)  # fmt: skip
 
 
 def generate_dataset(
@@ -166,26 +159,30 @@ def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:
         text = json.dumps(params, indent=2, sort_keys=True)
         (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
         return
+    official = OFFICIAL_FILES.get(entry.annotations) if entry.annotations else None
+    if entry.annotations and official is None:
+        raise ValueError(f"catalog entry {entry.name!r}: no writer for annotations {entry.annotations!r}")
     image_root = folder / entry.image_dir
-    n_train, n_val, _ = split_counts(params["images_per_class"])
+    per_class = params["images_per_class"]
+    n_train, n_val, _ = split_counts(per_class)
     rows: dict[str, list[Row]] = {split: [] for split in SPLIT_NAMES}
     for label in range(params["num_classes"]):
-        for index in range(params["images_per_class"]):
-            rel = entry.path_pattern.format(cls=entry.class_folders[label], n=index + 1)
+        for index in range(per_class):
+            split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
+            if official is not None and official.image_path is not None:
+                rel = official.image_path(entry, label, index, split, per_class)
+            else:
+                rel = entry.path_pattern.format(cls=entry.class_folders[label], n=index + 1)
             rng = np.random.default_rng([params["seed"], label, index])
             if entry.world:
                 image = render_task_image(entry.world, label, params["image_size"], rng)
             else:
                 image = render(entry.styles[label], params["image_size"], rng)
             _save(image, image_root / rel)
-            split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
             rows[split].append((rel, label, entry.classnames[label]))
     write_split_file(folder / entry.split_file, rows)
-    writer = _ANNOTATION_WRITERS.get(entry.annotations)
-    if entry.annotations and writer is None:
-        raise ValueError(f"catalog entry {entry.name!r}: no writer for annotations {entry.annotations!r}")
-    if writer is not None:
-        writer(entry, folder, rows)
+    if official is not None:  # the files the real dataset ships with, from the same rows
+        official.write(entry, folder, rows, params)
     text = json.dumps(params, indent=2, sort_keys=True)
     (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
 
@@ -224,26 +221,3 @@ def render(style: tuple[str, str], size: int, rng: np.random.Generator) -> Image
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
-
-
-def _write_oxford_pets_annotations(entry: CatalogEntry, folder: Path, rows: dict[str, list[Row]]) -> None:
-    """``annotations/{trainval,test}.txt``: "<image stem> <class id 1-based> <species> <breed id>"."""
-    species_of = {b: 1 if b in _OXFORD_PETS_CATS else 2 for b in entry.class_folders}
-    breed_id: dict[str, int] = {}
-    for species in (1, 2):
-        same = [b for b in entry.class_folders if species_of[b] == species]
-        breed_id.update({b: i + 1 for i, b in enumerate(same)})
-    out = folder / "annotations"
-    out.mkdir(parents=True, exist_ok=True)
-    for filename, splits in (("trainval.txt", ("train", "val")), ("test.txt", ("test",))):
-        listed = sorted((row for split in splits for row in rows[split]), key=lambda row: row[1])
-        lines = []
-        for rel, label, _ in listed:  # class by class, as in the real lists
-            breed = entry.class_folders[label]
-            lines.append(f"{Path(rel).stem} {label + 1} {species_of[breed]} {breed_id[breed]}\n")
-        (out / filename).write_text("".join(lines), encoding="utf-8")
-
-
-_ANNOTATION_WRITERS = {
-    "oxford_pets": _write_oxford_pets_annotations,
-}

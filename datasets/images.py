@@ -5,6 +5,9 @@ caller passes the backbone's own input size, mean and std so a non-224 or non-Op
 backbone gets matching preprocessing. Their ``repr`` lists every step and parameter, so
 the orchestrator can log the exact transform with each run (transform drift silently moved
 results in CoOp #8, #26, #88).
+
+A corrupt or unreadable image is an ``OSError`` naming the file (``load_image``); skipping
+such images is an explicit choice, made with ``drop_unreadable`` before a run starts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,32 @@ def load_image(path: str) -> Image.Image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
+def drop_unreadable(items: Sequence[Datum]) -> tuple[tuple[Datum, ...], tuple[str, ...]]:
+    """The items whose image decodes, in order, and the paths of those that do not.
+
+    Each image is fully decoded with ``load_image`` (``Image.open`` + ``convert``, which
+    reads every pixel, unlike ``Image.verify``), so a truncated JPEG, an empty file or a
+    non-image with an image suffix is caught here rather than in a data-loader worker.
+    A path listed twice is decoded once; unreadable paths are returned once each, in order
+    of first appearance. This is the explicit opt-in to skipping bad images (the caller
+    logs the count, e.g. the orchestrator's ``data.skip_bad_images``); without it
+    ``load_image`` raises ``OSError`` naming the file. It costs one decode of every image.
+    """
+    readable: dict[str, bool] = {}
+    kept: list[Datum] = []
+    for item in items:
+        if item.path not in readable:
+            try:
+                load_image(item.path)
+            except OSError:
+                readable[item.path] = False
+            else:
+                readable[item.path] = True
+        if readable[item.path]:
+            kept.append(item)
+    return tuple(kept), tuple(path for path, ok in readable.items() if not ok)
 
 
 class ImageDataset(Dataset):

@@ -13,6 +13,8 @@
   (never the string order of the names: ImageNetV2 issue #10), all 1000 class names kept.
 * ``imagenet_folders`` — ImageNet-Sketch / -A / -R: wnid folders, label = index in the sorted
   folder list, names from ``classnames.txt``; stray files (ImageNet-A's README.txt) ignored.
+* ``fashion20`` — SoftCPT's multi-task folder: no single ``DatasetSplits``, so
+  ``load_dataset`` says to use ``load_tasks`` (``fashion20.py``, ``tasks.py`` read it).
 
 The ImageNet family records each label's wnid and ImageNet index (``DatasetSplits.wnids``,
 ``imagenet_labels``). The number of class folders must equal the entry's class count
@@ -42,6 +44,8 @@ def read_dataset(entry: CatalogEntry, root: Path) -> DatasetSplits:
             f"catalog entry {entry.name!r}: unknown reader {entry.reader!r}; known: "
             f"split_json, {', '.join(sorted(READERS))}"
         ) from None
+    if entry.multitask:  # an error whether or not the data is there
+        return reader(entry, root / entry.folder)
     folder = root / entry.folder
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -276,10 +280,22 @@ def read_imagenet_folders(entry: CatalogEntry, folder: Path) -> DatasetSplits:
     return _splits(entry, classnames, image_root, test=test, **_imagenet_fields(names, wnids))
 
 
+# --- multi-task folders -----------------------------------------------------------------------
+
+
+def read_multitask(entry: CatalogEntry, folder: Path) -> DatasetSplits:
+    raise ValueError(
+        f"{entry.name} is a multi-task dataset: use load_tasks / data.protocol=multi_task "
+        f"(vlprompt.datasets.load_tasks({entry.name!r}, root) gives one DatasetSplits per task; "
+        f"its tasks reuse class names, so they cannot be one {entry.name!r} classification)"
+    )
+
+
 READERS: dict[str, Callable[[CatalogEntry, Path], DatasetSplits]] = {
     "fgvc_aircraft": read_fgvc_aircraft,
     "imagenet": read_imagenet,
     "imagenet_v2": read_imagenet_v2,
     "imagenet_folders": read_imagenet_folders,
+    "fashion20": read_multitask,
 }
 """Readers by ``CatalogEntry.reader``; ``"split_json"`` is ``splits.load_dataset`` itself."""

@@ -4,7 +4,9 @@ A split file is JSON: ``{"train" | "val" | "test": [[relative_path, label, class
 with paths relative to ``<root>/<folder>/<image_dir>`` (CoOp ``datasets/oxford_pets.py``
 ``read_split``/``save_split``). Reading the published files instead of re-splitting the
 images is what makes results comparable with the papers, so vlprompt never re-splits a
-dataset silently: a missing split file is an error that says which file to fetch.
+dataset silently: a missing split file is an error that says which file to fetch, unless
+the caller asks for a regenerated one (``load_dataset(..., make_missing_split=True)``,
+``makesplit.py``), which is announced on stderr.
 
 Everything is validated up front, with messages that name the file, split and row, because
 a bad row otherwise surfaces as a crash in a data-loader worker hours into a sweep. Only
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -32,12 +35,19 @@ def dataset_folder(name: str, root: str | Path) -> Path:
     return Path(root) / get_entry(name).folder
 
 
-def load_dataset(name: str, root: str | Path) -> DatasetSplits:
+def load_dataset(name: str, root: str | Path, *, make_missing_split: bool = False) -> DatasetSplits:
     """Read dataset ``name`` from ``root`` through its CoOp split file.
 
     Class names and labels come from the split file (all three splits), as in CoOp; the
     catalog contributes the layout and the template. Class names get CoOp's prompt-time
     ``replace("_", " ")`` so that ``Datum.classname`` is ready for a prompt.
+
+    A missing split file is an error, unless ``make_missing_split`` is true and the entry has
+    a split rule (``makesplit.RULES``): then the file is regenerated deterministically from
+    the files the dataset ships with, written next to the data (``make_split``, seed 1); one
+    line on stderr says so, and it is read like a published one. It is *not* the published
+    split, so results on it are not comparable with the papers'. Entries without a split
+    file (FGVC-Aircraft, the ImageNet family) ignore the option.
     """
     entry = get_entry(name)
     if entry.reader != "split_json":  # FGVC-Aircraft's lists, the ImageNet family: readers.py
@@ -56,6 +66,20 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
             f"dataset {entry.name!r} ({entry.description}): folder {folder} does not exist. "
             f"Expected layout under {root}: {entry.layout}. {hint}"
         )
+    from vlprompt.datasets.makesplit import DEFAULT_SEED, describe_rule, make_split  # local: it imports us
+
+    rule = describe_rule(entry)
+    if not split_path.is_file() and make_missing_split and rule:
+        try:
+            make_split(entry.name, root)
+        except FileExistsError:  # another process wrote it meanwhile; read theirs
+            pass
+        else:
+            print(
+                f"vlprompt: {split_path} was missing; generated {rule} (seed {DEFAULT_SEED}). This is "
+                f"NOT the published CoOp split file: results are not comparable with the papers'.",
+                file=sys.stderr,
+            )
     if not split_path.is_file():
         raise FileNotFoundError(
             f"dataset {entry.name!r}: split file {split_path} not found. vlprompt reads the CoOp "
@@ -63,8 +87,9 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
             f"{entry.split_file} in {folder}. Expected layout: {entry.layout}."
             + (
                 f" Without the published file, `python -m vlprompt.datasets make-split {entry.name} "
-                f"--root {root}` writes a deterministic 50/20/30 split there (not the papers' split)."
-                if entry.split_rule
+                f"--root {root}` (or load_dataset(..., make_missing_split=True)) writes a "
+                f"deterministic split there: {rule} (not the papers' split)."
+                if rule
                 else ""
             )
         )
@@ -74,7 +99,7 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
             f"{split_path} are relative to it. Expected layout: {entry.layout}."
         )
     rows = read_split_file(split_path)
-    classnames = _check_labels(split_path, rows)
+    classnames = check_labels(f"split file {split_path}", rows)
     _check_images_exist(split_path, image_root, rows)
     base = os.path.abspath(image_root)
     items = {
@@ -139,29 +164,32 @@ def _parse_row(path: Path, split: str, index: int, row: Any) -> Row:
     return rel, label, classname.replace("_", " ")
 
 
-def _check_labels(path: Path, rows: Mapping[str, Sequence[Row]]) -> tuple[str, ...]:
-    """Labels must be 0..n-1, each with one class name, each name with one label."""
+def check_labels(where: str, rows: Mapping[str, Sequence[Row]]) -> tuple[str, ...]:
+    """Labels must be 0..n-1, each with one class name, each name with one label.
+
+    Returns the class names by label; errors start with ``where`` (e.g. "split file PATH").
+    """
     if not any(rows[split] for split in SPLIT_NAMES):
-        raise ValueError(f"split file {path}: no rows in train, val or test")
+        raise ValueError(f"{where}: no rows in train, val or test")
     names: dict[int, str] = {}
     for split in SPLIT_NAMES:
         for i, (_, label, classname) in enumerate(rows[split]):
             known = names.setdefault(label, classname)
             if known != classname:
                 raise ValueError(
-                    f"split file {path}: split {split!r} row {i}: label {label} is named "
+                    f"{where}: split {split!r} row {i}: label {label} is named "
                     f"{classname!r} here but {known!r} earlier"
                 )
     absent = sorted(set(range(max(names) + 1)) - set(names))
     if absent:
         raise ValueError(
-            f"split file {path}: labels must be 0..n-1 without gaps; found {len(names)} labels "
+            f"{where}: labels must be 0..n-1 without gaps; found {len(names)} labels "
             f"up to {max(names)}, missing {absent[:10]}"
         )
     classnames = tuple(names[y] for y in range(len(names)))
     if len(set(classnames)) != len(classnames):
         dup = sorted({c for c in classnames if classnames.count(c) > 1})
-        raise ValueError(f"split file {path}: class names used by more than one label: {dup[:10]}")
+        raise ValueError(f"{where}: class names used by more than one label: {dup[:10]}")
     return classnames
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from vlprompt.datasets.__main__ import main as cli_main
 from vlprompt.datasets.benchmarks import BENCHMARKS, sun397_name, year_first
 from vlprompt.datasets.generate import MARKER_FILE
 from vlprompt.datasets.imagenet_meta import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS
-from vlprompt.datasets.makesplit import make_split
 from vlprompt.datasets.readers import READERS
 
 TEMPLATES = {  # METHODS.md §0 "Hand-crafted templates"
@@ -177,39 +175,6 @@ def test_flat_imagenet_val_is_explained(tmp_path: Path) -> None:
 def test_missing_folder_names_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"fgvc_aircraft/variants.txt"):
         load_dataset("fgvc_aircraft", tmp_path)
-
-
-def test_make_split_caltech_drops_renames_and_is_deterministic(tmp_path: Path) -> None:
-    folder = gen("caltech101", tmp_path / "a", k=5, per_class=10)
-    split = folder / "split_zhou_Caltech101.json"
-    split.unlink()
-    for junk in ("BACKGROUND_Google", "Faces_easy"):
-        shutil.copytree(folder / "101_ObjectCategories" / "Faces", folder / "101_ObjectCategories" / junk)
-    with pytest.raises(FileNotFoundError, match="make-split caltech101"):
-        load_dataset("caltech101", tmp_path / "a")
-    assert make_split("caltech101", tmp_path / "a") == split  # written next to the data
-    splits = load_dataset("caltech101", tmp_path / "a")
-    assert splits.classnames == ("face", "leopard", "motorbike", "accordion", "airplane")
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (25, 10, 15)
-    first = split.read_bytes()
-    other = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", other)
-    (other / "caltech-101" / "split_zhou_Caltech101.json").unlink()
-    make_split("caltech101", other)
-    assert (other / "caltech-101" / "split_zhou_Caltech101.json").read_bytes() == first
-    with pytest.raises(FileExistsError):
-        make_split("caltech101", tmp_path / "a")
-    make_split("caltech101", tmp_path / "a", seed=2, overwrite=True)
-    assert split.read_bytes() != first
-
-
-def test_make_split_eurosat_renames_and_refuses_other_datasets(tmp_path: Path) -> None:
-    folder = gen("eurosat", tmp_path, k=2, per_class=4)
-    (folder / "split_zhou_EuroSAT.json").unlink()
-    assert cli_main(["make-split", "eurosat", "--root", str(tmp_path)]) == 0
-    assert load_dataset("eurosat", tmp_path).classnames == ("Annual Crop Land", "Forest")
-    with pytest.raises(ValueError, match="no folder-per-class split rule"):
-        make_split("sun397", tmp_path)
 
 
 def test_doctor_reports_found_missing_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

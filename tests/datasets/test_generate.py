@@ -25,6 +25,42 @@ def test_same_seed_gives_identical_files(tmp_path: Path) -> None:
     assert files == files_of(b)
 
 
+OFFICIAL_FILES = {  # what make_split reads, beside the split JSON (CoOp datasets/*.py)
+    "stanford_cars": {
+        "devkit/cars_meta.mat",
+        "devkit/cars_train_annos.mat",
+        "cars_test_annos_withlabels.mat",
+    },
+    "oxford_flowers": {"imagelabels.mat", "cat_to_name.json"},
+    "sun397": {"ClassName.txt", "Training_01.txt", "Testing_01.txt"},
+    "ucf101": {f"ucfTrainTestlist/{f}.txt" for f in ("classInd", "trainlist01", "testlist01")},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_FILES))
+def test_official_files_written_and_byte_identical(tmp_path: Path, name: str) -> None:
+    a = generate_dataset(name, tmp_path / "a", images_per_class=5, num_classes=3, image_size=8)
+    b = generate_dataset(name, tmp_path / "b", images_per_class=5, num_classes=3, image_size=8)
+    files = files_of(a)
+    entry = get_entry(name)
+    images = {f for f in files if f.endswith(".jpg")}
+    assert len(images) == 15
+    assert set(files) - images == {entry.split_file, MARKER_FILE, *OFFICIAL_FILES[name]}
+    assert files == files_of(b)  # .mat files too: no creation time in their header
+
+
+def test_real_file_names_where_a_pattern_cannot_say_them(tmp_path: Path) -> None:
+    flowers = generate_dataset("oxford_flowers", tmp_path, images_per_class=4, num_classes=2)
+    assert sorted(p.name for p in (flowers / "jpg").iterdir()) == [f"image_{i:05d}.jpg" for i in range(1, 9)]
+    generate_dataset("stanford_cars", tmp_path, images_per_class=4, num_classes=2)
+    cars = load_dataset("stanford_cars", tmp_path)
+    assert {Path(d.path).parent.name for d in cars.train + cars.val} == {"cars_train"}
+    assert {Path(d.path).parent.name for d in cars.test} == {"cars_test"}
+    generate_dataset("ucf101", tmp_path, images_per_class=4, num_classes=2)
+    ucf = load_dataset("ucf101", tmp_path)
+    assert ucf.train[0].path.endswith("Apply_Eye_Makeup/v_ApplyEyeMakeup_g01_c01.jpg")
+
+
 def test_other_seed_changes_images_not_split(tmp_path: Path) -> None:
     a = generate_dataset("synthetic", tmp_path / "a", images_per_class=4, num_classes=2, seed=0)
     b = generate_dataset("synthetic", tmp_path / "b", images_per_class=4, num_classes=2, seed=1)

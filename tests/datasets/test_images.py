@@ -1,4 +1,4 @@
-"""ImageDataset and the Dassl/CoOp transforms."""
+"""ImageDataset, the Dassl/CoOp transforms, and unreadable images (an error, or dropped and counted)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vlprompt.datasets import Datum, ImageDataset, load_dataset, test_transform, train_transform
+from vlprompt.datasets import (
+    Datum,
+    ImageDataset,
+    drop_unreadable,
+    generate_dataset,
+    load_dataset,
+    load_image,
+    test_transform,
+    train_transform,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,3 +88,51 @@ def test_unreadable_image_names_the_file(synthetic_root: Path, tmp_path: Path, k
     with pytest.raises(OSError, match="cannot read image") as err:
         data[0]
     assert str(bad) in str(err.value)
+
+
+def break_images(root: Path) -> tuple[list[Datum], dict[str, Path]]:
+    """A generated JPEG tree (2 classes x 4) with three images broken three ways."""
+    generate_dataset("eurosat", root, images_per_class=4, num_classes=2, image_size=48)
+    splits = load_dataset("eurosat", root)
+    items = list(splits.train + splits.val + splits.test)
+    truncated, empty, text = (Path(items[i].path) for i in (1, 4, 6))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 3])  # cut in the scan
+    empty.write_bytes(b"")
+    text.write_text("label,path\n0,forest.jpg\n")  # a text file with a .jpg name
+    return items, {"truncated": truncated, "empty": empty, "text": text}
+
+
+def test_truncated_jpeg_passes_verify_but_not_a_full_decode(tmp_path: Path) -> None:
+    _, bad = break_images(tmp_path)
+    with Image.open(bad["truncated"]) as image:
+        image.verify()  # what a header check would accept
+    with pytest.raises(OSError, match=r"cannot read image .*truncated"):
+        load_image(str(bad["truncated"]))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text"])
+def test_without_the_option_a_bad_jpeg_is_an_error_naming_it(tmp_path: Path, kind: str) -> None:
+    items, bad = break_images(tmp_path)
+    with pytest.raises(OSError, match="cannot read image") as err:
+        load_image(str(bad[kind]))
+    assert str(bad[kind]) in str(err.value)
+    index = next(i for i, d in enumerate(items) if d.path == str(bad[kind]))
+    with pytest.raises(OSError, match="cannot read image") as err:
+        ImageDataset(items, test_transform(16, CLIP_MEAN, CLIP_STD))[index]
+    assert str(bad[kind]) in str(err.value)
+
+
+def test_drop_unreadable_keeps_order_and_counts_the_bad(tmp_path: Path) -> None:
+    items, bad = break_images(tmp_path)
+    kept, dropped = drop_unreadable(items)
+    assert dropped == tuple(str(p) for p in (bad["truncated"], bad["empty"], bad["text"]))
+    assert kept == tuple(d for d in items if d.path not in dropped)
+    assert len(kept) == 5
+    for item in kept:
+        load_image(item.path)
+    twice = items + items[:2]  # a path listed twice is decoded once and reported once
+    kept, dropped = drop_unreadable(twice)
+    assert len(kept) == 6 and len(dropped) == 3
+    assert drop_unreadable([]) == ((), ())
+    missing = Datum(str(tmp_path / "gone.jpg"), 0, "x")
+    assert drop_unreadable([missing]) == ((), (missing.path,))
