@@ -14,7 +14,18 @@ from typing import Any
 
 from torch import nn
 
-from vlprompt.methods import bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, zeroshot
+from vlprompt.methods import (
+    bias_tuning,
+    cocoop,
+    coop,
+    ivlp,
+    kgcoop,
+    linear_probe,
+    maple,
+    softcpt,
+    tpt,
+    zeroshot,
+)
 from vlprompt.methods.base import MethodSpec
 from vlprompt.methods.clip import Backbone
 
@@ -34,6 +45,12 @@ METHODS: dict[str, MethodSpec] = {
     "maple": MethodSpec(maple.MaPLeConfig, maple.build, "MaPLe: deep text prompts coupled to vision prompts"),
     "bias_tuning": MethodSpec(
         bias_tuning.BiasTuningConfig, bias_tuning.build, "Bias tuning: learnable biases inside the blocks"
+    ),
+    "softcpt": MethodSpec(
+        softcpt.SoftCPTConfig, softcpt.build, "SoftCPT: per-task CoOp context generated from the task name"
+    ),
+    "tpt": MethodSpec(
+        tpt.TPTConfig, tpt.build, "TPT: CoOp context tuned on each test image's augmented views"
     ),
 }
 

@@ -12,7 +12,8 @@ that the methods still to come fit without special cases in that loop:
 * **test-time adaptation** (TPT, PromptSync): ``predict`` may adapt on each test
   sample (with gradients it enables itself), predict, then reset; the loop never
   wraps ``predict`` in ``torch.no_grad`` -- methods that do not adapt decorate their
-  own ``predict`` with it.
+  own ``predict`` with it. A method that wants augmented views of each test sample
+  says how many in ``test_time_views``; the test-time protocol then fills ``Batch.views``.
 * **cached features**: methods whose image tower stays frozen set
   ``frozen_image_tower = True`` and then accept ``Batch.features`` (the backbone's
   un-normalised image embeddings) in place of ``Batch.images``.
@@ -47,6 +48,10 @@ class Batch:
     images: Tensor | None = None
     features: Tensor | None = None
     labels: Tensor | None = None
+    views: Tensor | None = None
+    """Test-time protocol only: ``(B, V, C, H, W)`` augmented views of each sample in
+    ``images`` (which then holds the originals), for methods that adapt on them (TPT).
+    Methods that do not adapt ignore it."""
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.features is None):
@@ -61,7 +66,7 @@ class Batch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(self.task, move(self.images), move(self.features), move(self.labels))
+        return Batch(self.task, move(self.images), move(self.features), move(self.labels), move(self.views))
 
 
 @runtime_checkable

@@ -11,6 +11,13 @@ template, the method does not. The orchestrator passes it as
 ``build_method("zeroshot", ..., templates={task: template})``, which fills
 ``ZeroShotConfig.templates`` unless the user set it; ``method.template`` set by the user
 overrides every task's template.
+
+Prompt ensembles (``ensemble``): CLIP's 80 ImageNet templates (``imagenet80``) or CoOp's 7
+selected ones (``imagenet7``, ``IMAGENET_TEMPLATES_SELECT``), both taken from open_clip's
+``zero_shot_metadata`` rather than re-typed. A class's weight is the mean of its
+L2-normalised sentence features (the CLIP notebook's ensembling). ``imagenet7+dataset``
+adds each task's own hand-crafted template, which is CoOp's ``ZeroshotCLIP2`` on every
+dataset but ImageNet (there the reference uses the 7 alone: choose ``imagenet7``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 
 from vlprompt.methods.base import Batch
@@ -33,6 +42,12 @@ from vlprompt.methods.common import (
     template_sentences,
 )
 
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
+    "imagenet7": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
+}
+"""Template ensembles by name, as sentences with one ``{}`` for the class name."""
+
 
 @dataclass
 class ZeroShotConfig:
@@ -42,9 +57,18 @@ class ZeroShotConfig:
     """One template for every task, e.g. ``"a photo of a {}."``; overrides ``templates``."""
     templates: dict[str, str] = field(default_factory=dict)
     """Task → template; filled by the orchestrator with each dataset's hand-crafted template."""
+    ensemble: str = ""
+    """Average the prompts of an ensemble instead of one template: ``imagenet80``,
+    ``imagenet7``, or either with ``+dataset`` (plus each task's own template). Empty: none."""
 
     def __post_init__(self) -> None:
         check_templates("zeroshot", self.template, self.templates)
+        base, _, extra = self.ensemble.partition("+")
+        if self.ensemble and (base not in ENSEMBLES or extra not in ("", "dataset")):
+            raise ValueError(
+                f"zeroshot ensemble must be one of {', '.join(ENSEMBLES)} (optionally with "
+                f"'+dataset'), or empty; got {self.ensemble!r}"
+            )
 
 
 class ZeroShotCLIP(nn.Module):
@@ -76,7 +100,15 @@ class ZeroShotCLIP(nn.Module):
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: ZeroShotConfig) -> ZeroShotCLIP:
     """Encode ``template.format(class name)`` for every class of every task, once."""
     classes = TaskClasses.of(tasks)
-    prompts = template_sentences("zeroshot", classes, cfg.template, cfg.templates)
+    if not cfg.ensemble:
+        prompts = template_sentences("zeroshot", classes, cfg.template, cfg.templates)
+        with torch.no_grad():
+            text_features = backbone.encode_text(backbone.tokenize(prompts)).float()
+        return ZeroShotCLIP(backbone, classes, text_features)
+    base, _, extra = cfg.ensemble.partition("+")
+    sets = [[t.format(name) for name in classes.names] for t in ENSEMBLES[base]]
+    if extra == "dataset":
+        sets.append(template_sentences("zeroshot", classes, cfg.template, cfg.templates))
     with torch.no_grad():
-        text_features = backbone.encode_text(backbone.tokenize(prompts)).float()
-    return ZeroShotCLIP(backbone, classes, text_features)
+        features = [F.normalize(backbone.encode_text(backbone.tokenize(s)).float(), dim=-1) for s in sets]
+    return ZeroShotCLIP(backbone, classes, torch.stack(features).mean(dim=0))

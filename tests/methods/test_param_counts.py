@@ -27,6 +27,8 @@ def vit_b16() -> Backbone:
         ("coop", {"n_ctx": 4}, 2_048),
         ("coop", {"ctx_init": "a photo of a"}, 2_048),
         ("coop", {"n_ctx": 16, "csc": True}, 2 * 16 * 512),
+        # SoftCPT-NATA: proj 512 x (16 * 512) + task context 4 x 512 (METHODS.md §5, §11)
+        ("softcpt", {}, 4_196_352),
         ("zeroshot", {"template": "a photo of a {}."}, 0),
     ],
 )

@@ -15,14 +15,14 @@ def test_registry_names() -> None:
     assert {"cocoop", "coop", "kgcoop", "zeroshot"} <= set(METHODS)
     assert get_method("coop").config is CoOpConfig
     assert method_option_names("coop") == ("n_ctx", "ctx_init", "class_token_position", "csc")
-    assert method_option_names("zeroshot") == ("template", "templates")
+    assert method_option_names("zeroshot") == ("template", "templates", "ensemble")
 
 
 def test_unknown_method_lists_names_and_suggests() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown method 'coopp' \(did you mean 'coop'\?\); "
-        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, .*maple, zeroshot",
+        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, softcpt, tpt, zeroshot",
     ):
         get_method("coopp")
 

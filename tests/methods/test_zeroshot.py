@@ -54,3 +54,40 @@ def test_template_errors(tiny: Backbone, images: Tensor) -> None:
     method = build_method("zeroshot", tiny, {"pets": CLASSES}, {"template": "{}"})
     with pytest.raises(RuntimeError, match="nothing to train"):
         method.training_loss(Batch("pets", images=images, labels=torch.zeros(6, dtype=torch.long)))
+
+
+def test_prompt_ensembles_average_normalised_sentence_features(tiny: Backbone, images: Tensor) -> None:
+    from vlprompt.methods.zeroshot import ENSEMBLES
+
+    # CoOp's IMAGENET_TEMPLATES_SELECT, in its order (reference/METHODS.md §0)
+    assert ENSEMBLES["imagenet7"] == (
+        "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+        "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    )  # fmt: skip
+    assert len(ENSEMBLES["imagenet80"]) == 80 and all(t.count("{}") == 1 for t in ENSEMBLES["imagenet80"])
+    own = "a photo of a {}, a type of pet."
+    method = build_method("zeroshot", tiny, {"pets": CLASSES}, {"ensemble": "imagenet7+dataset"},
+                          templates={"pets": own})  # fmt: skip
+    names = [c.replace("_", " ") for c in CLASSES]
+    with torch.no_grad():
+        per_template = [
+            F.normalize(tiny.model.encode_text(tiny.tokenizer([t.format(n) for n in names])), dim=-1)
+            for t in (*ENSEMBLES["imagenet7"], own)
+        ]
+        text = F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+        image = F.normalize(tiny.model.encode_image(images), dim=-1)
+        expected = tiny.model.logit_scale.exp() * image @ text.T
+    torch.testing.assert_close(method.predict(Batch("pets", images=images)), expected, rtol=0, atol=1e-4)
+    single = build_method("zeroshot", tiny, {"pets": CLASSES}, {}, templates={"pets": own})
+    assert not torch.allclose(single.predict(Batch("pets", images=images)), expected, atol=1e-3)
+
+
+def test_every_ensemble_a_catalog_entry_names_exists() -> None:
+    from vlprompt.datasets import CATALOG
+    from vlprompt.methods.zeroshot import ENSEMBLES
+
+    named = {e for entry in CATALOG.values() for e in entry.ensembles}
+    assert named == set(ENSEMBLES)
+    assert CATALOG["imagenet"].ensembles == ("imagenet80", "imagenet7")
+    with pytest.raises(ValueError, match="ensemble"):
+        ZeroShotConfig(ensemble="imagenet81")

@@ -1,0 +1,270 @@
+"""TPT -- Test-time Prompt Tuning (Shu, Nie, Huang, Yu, Goldstein, Anandkumar, Xiao; NeurIPS 2022,
+"Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language Models", arXiv 2209.07511).
+
+For every test image, a CoOp context is tuned on that image alone, without its label: the
+original and N augmented views are classified, the ``ρ`` fraction with the lowest prediction
+entropy is kept (confidence selection), and the entropy of their *average* prediction is
+minimised (paper Eq. 3-4, ``H(p̃) = −Σ_c p̃_c log p̃_c`` with ``p̃ = 1/(ρN) Σ_selected p``);
+the original is then classified with the tuned context, and the context is reset.
+
+Matches ``azshue/TPT tpt_classification.py`` and ``clip/custom_clip.py`` (``reference/METHODS.md``
+§7): context initialised from ``"a photo of a"`` (4 tokens), class token at the end; a batch of
+``1 + 63`` images (the original first, then the views of :mod:`vlprompt.datasets.views`);
+``int(64 · 0.1) = 6`` lowest-entropy images kept, counted over that whole batch -- the original
+competes like a view -- and chosen once, at the first step (``select_confident_samples``); loss
+``avg_entropy`` (``logsumexp`` of the log-probabilities − ``log N``, clamped at the smallest
+float); ``AdamW(ctx, lr=5e-3)`` with torch's defaults (weight decay 0.01), one step; context and
+optimiser state reset before every test image; the prediction is the original's logits with the
+tuned context. TPT+CoOp (``init_state``) starts from a trained CoOp context instead of the words.
+
+Built on CoOp by composition (``coop.build``): the prompt assembly, text encoding, cached
+evaluation and cross-entropy are CoOp's, not re-typed. The CoOp is *held* like the backbone and
+its one parameter ``ctx`` is registered here, so TPT's ``state_dict``/``learned_state`` are
+exactly a generic CoOp checkpoint (``{"ctx"}``) in both directions. (Not a subclass: the house
+style allows no inheritance beyond ``nn.Module``.) TPT lives on its backbone's device.
+
+Deliberate changes:
+
+* fp32 context, losses and AdamW state. The reference keeps CLIP and ``ctx`` in fp16, runs under
+  AMP autocast with ``GradScaler(init_scale=1000)`` (which would skip a step on inf gradients; in
+  fp32 none is skipped). The backbone may still run in fp16/bf16 (``load_backbone(precision=...)``).
+* image features of the original and the views are computed once per image, before tuning (the
+  reference re-runs the frozen image tower at every step and for the final prediction: equal).
+* ties in the entropy ranking go to the earlier image (stable sort; the reference's is unstable).
+* ``predict`` without ``Batch.views`` does no tuning: CoOp's prediction with the current context
+  (cached features work there). With views, every sample of the batch is tuned independently from
+  the same starting context (the reference's batch is one image).
+* ``training_loss`` is CoOp's cross-entropy rather than an error: the ``test_time`` protocol does
+  not train, but a training protocol trains the context first (TPT+CoOp in one run; without views
+  the evaluation is then plain CoOp), and ``predict`` tunes from whatever the context is when it is
+  called, restoring it afterwards.
+* ``init_state`` reads a vlprompt ``learned_state.pt`` (``{"ctx"}``) or a CoOp/Dassl checkpoint
+  (``{"state_dict": {"ctx"}}``, the reference's ``--load``); its full shape must match (the
+  reference asserts only ``n_ctx``), with an error naming the file.
+* word init counts tokens, not words (same for ``"a photo of a"``); ``steps=0`` is allowed
+  (prediction with the initial context: CLIP with ``"<ctx_init> {}."``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlprompt.methods import coop
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import cosine_logits, hold_backbone, image_features
+
+
+@dataclass
+class TPTConfig:
+    """Options of TPT (the reference's command-line arguments)."""
+
+    n_views: int = 63
+    """Augmented views per test image (``--batch-size`` 64 = the original + 63 views)."""
+    selection_p: float = 0.1
+    """Fraction ρ of the ``1 + n_views`` images kept by confidence selection (``--selection_p``)."""
+    lr: float = 5e-3
+    """AdamW learning rate for the per-image tuning (``--lr``)."""
+    steps: int = 1
+    """Tuning steps per test image (``--tta_steps``); 0: no tuning."""
+    ctx_init: str = "a photo of a"
+    """Words to initialise the context from (``--ctx_init a_photo_of_a``); their token count is M.
+    Empty: random N(0, 0.02²) init of ``n_ctx`` vectors."""
+    n_ctx: int = 4
+    """Number of context tokens M when ``ctx_init`` is empty (``--n_ctx``)."""
+    init_state: str = ""
+    """TPT+CoOp: path to a trained CoOp run's ``learned_state.pt`` (or a CoOp checkpoint) whose
+    ``ctx`` replaces the initial context; its shape must match."""
+    augmix: bool = False
+    """AugMix the views (the reference does for the fine-grained cross-dataset sets, not for the
+    ImageNet variants); read by the test-time protocol as the method's ``augmix`` attribute."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_views", "steps", "n_ctx"):
+            value = getattr(self, name)
+            lowest = 0 if name == "steps" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"tpt {name} must be an integer >= {lowest}, got {value!r}")
+        for name in ("selection_p", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"tpt {name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if not 0.0 < self.selection_p <= 1.0:
+            raise ValueError(f"tpt selection_p must be in (0, 1], got {self.selection_p}")
+        if n_selected(1 + self.n_views, self.selection_p) < 1:
+            raise ValueError(
+                f"tpt selection_p={self.selection_p} keeps int({1 + self.n_views} x {self.selection_p}) = 0 "
+                f"of the original + n_views={self.n_views} images; raise selection_p or n_views"
+            )
+        if self.lr < 0:
+            raise ValueError(f"tpt lr must be >= 0, got {self.lr}")
+        if not isinstance(self.ctx_init, str):
+            raise ValueError(f"tpt ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+        if not isinstance(self.init_state, str):
+            raise ValueError(f"tpt init_state must be a path string ('' for none), got {self.init_state!r}")
+        if not isinstance(self.augmix, bool):
+            raise ValueError(f"tpt augmix must be true or false, got {self.augmix!r}")
+
+
+# ---------------------------------------------------------------- the objective
+def n_selected(n_images: int, selection_p: float) -> int:
+    """How many of ``n_images`` confidence selection keeps: ``int(n · ρ)``, as the reference counts."""
+    return int(n_images * selection_p)
+
+
+def select_confident(logits: Tensor, selection_p: float) -> Tensor:
+    """Indices of the ``int(N · ρ)`` rows of ``logits`` ``(N, C)`` whose softmax has the lowest
+    entropy, most confident first (``select_confident_samples``)."""
+    k = n_selected(logits.shape[0], selection_p)
+    if k < 1:
+        raise ValueError(f"tpt: selection_p={selection_p} keeps no image out of {logits.shape[0]}")
+    logits = logits.float()
+    entropy = -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
+    return torch.argsort(entropy, stable=True)[:k]
+
+
+def average_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the mean softmax of the rows of ``logits`` ``(N, C)`` (``avg_entropy``), computed
+    in log space: ``log p̃ = logsumexp_n(log p_n) − log N``, clamped so ``0 · log 0`` stays 0."""
+    log_p = logits.float().log_softmax(dim=-1)
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0])
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
+    return -(log_mean.exp() * log_mean).sum()
+
+
+# ---------------------------------------------------------------- the method
+class TPT(nn.Module):
+    """A CoOp context, tuned afresh on every test image's views inside :meth:`predict`."""
+
+    frozen_image_tower: ClassVar[bool] = True
+    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
+
+    def __init__(self, prompt: coop.CoOp, cfg: TPTConfig) -> None:
+        super().__init__()
+        hold_backbone(self, prompt.backbone)
+        object.__setattr__(self, "prompt", prompt)  # held, not a submodule (see the module docstring)
+        self.ctx = prompt.ctx  # the one learnable tensor, shared with the held CoOp
+        self.selection_p = cfg.selection_p
+        self.lr = cfg.lr
+        self.steps = cfg.steps
+        #: Views per test sample the test-time protocol puts in ``Batch.views``.
+        self.test_time_views = cfg.n_views
+        #: Whether those views should be AugMix'ed (``datasets.views.test_time_views(augmix=...)``).
+        self.augmix = cfg.augmix
+
+    def _prompt(self) -> coop.CoOp:
+        """The held CoOp, reading this module's ``ctx`` (re-linked if the Parameter was replaced)."""
+        if self.prompt.ctx is not self.ctx:
+            self.prompt.ctx = self.ctx
+        return self.prompt
+
+    def logits(self, task: str, features: Tensor) -> Tensor:
+        """``(N, n_cls)`` logits of image embeddings ``features`` with the current context."""
+        return cosine_logits(features, self._prompt().text_features(task), self.backbone.logit_scale)
+
+    def adapt(self, task: str, features: Tensor) -> list[float]:
+        """Tune ``ctx`` in place, from its current value, on one image's embeddings ``features``
+        ``(1 + V, D)`` (original first, then its views): ``steps`` AdamW steps on the average
+        entropy of the images selected at the first step. A fresh optimiser each call. Returns the
+        loss before each step."""
+        optimizer = torch.optim.AdamW([self.ctx], lr=self.lr)
+        selected: Tensor | None = None
+        losses = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                logits = self.logits(task, features)
+                if selected is None:
+                    selected = select_confident(logits.detach(), self.selection_p)
+                loss = average_entropy(logits[selected])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        return losses
+
+    def predict(self, batch: Batch) -> Tensor:
+        """Logits ``(B, n_cls)`` of the originals; each sample tuned on its own ``Batch.views``.
+
+        Without views: CoOp's prediction with the current context, no tuning. The context (and
+        its ``.grad``) is the same after the call as before it, bit for bit.
+        """
+        views = getattr(batch, "views", None)
+        if views is None:
+            return self._prompt().predict(batch)
+        if views.dim() != 5 or views.shape[0] != len(batch):
+            raise ValueError(
+                f"tpt: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
+                f"got {tuple(views.shape)}"
+            )
+        originals = image_features(self.backbone, batch)  # (B, D), no grad
+        start, grad = self.ctx.detach().clone(), self.ctx.grad
+        out = []
+        try:
+            for b in range(len(batch)):
+                with torch.no_grad():
+                    self.ctx.copy_(start)
+                if self.steps > 0:
+                    with torch.no_grad():
+                        seen = self.backbone.encode_image(views[b].to(self.backbone.device))
+                    self.adapt(batch.task, torch.cat([originals[b : b + 1], seen.to(originals.dtype)]))
+                with torch.no_grad():
+                    out.append(self.logits(batch.task, originals[b : b + 1]))
+        finally:
+            with torch.no_grad():
+                self.ctx.copy_(start)
+            self.ctx.grad = grad
+        return torch.cat(out)
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """CoOp's cross-entropy (training the starting context; the ``test_time`` protocol does not)."""
+        return self._prompt().training_loss(batch)
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """The starting context ``{"ctx"}``: the same key and shape as a generic CoOp checkpoint."""
+        return self._prompt().learned_state()
+
+
+def load_context(path: str, shape: Sequence[int]) -> Tensor:
+    """The ``ctx`` tensor saved at ``path`` (``{"ctx"}`` or ``{"state_dict": {"ctx"}}``), fp32 on the
+    CPU, after checking it has ``shape``; errors name the file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"tpt init_state: {file} does not exist or is not a file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load: UnpicklingError (weights_only), RuntimeError, EOFError ...
+        raise ValueError(f"tpt init_state: cannot read {file} as a torch-saved state: {err}") from err
+    if isinstance(state, dict) and "ctx" not in state and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a CoOp/Dassl checkpoint (prompt_learner/model.pth.tar-N)
+    ctx = state.get("ctx") if isinstance(state, dict) else None
+    if not isinstance(ctx, Tensor):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"tpt init_state: {file} holds no 'ctx' tensor (found {keys}); "
+            "expected the learned_state.pt of a CoOp run"
+        )
+    if tuple(ctx.shape) != tuple(shape):
+        raise ValueError(
+            f"tpt init_state: the context in {file} has shape {tuple(ctx.shape)}, but this TPT's is "
+            f"{tuple(shape)} (n_ctx x text width); it needs a generic (not class-specific) context "
+            "with the same number of tokens: set method.ctx_init / method.n_ctx to match"
+        )
+    return ctx.float()
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: TPTConfig) -> TPT:
+    """CoOp's prompt for ``tasks`` with ``ctx_init``/``n_ctx``, optionally started from ``init_state``."""
+    prompt = coop.build(backbone, tasks, coop.CoOpConfig(n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init))
+    if cfg.init_state:
+        ctx = load_context(cfg.init_state, prompt.ctx.shape)
+        with torch.no_grad():
+            prompt.ctx.copy_(ctx)
+    return TPT(prompt, cfg)
