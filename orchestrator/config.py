@@ -36,14 +36,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # a catalog dataset; for protocol multi_task a task group (general10, sw_all) or a
+    # multi-task dataset (fashion20) — `python -m vlprompt.datasets list` shows both
     dataset: str = "synthetic"
     root: str = "data"  # folder holding the dataset folders; made absolute before Ray sees it
     shots: int = 16  # images per class for training; <= 0 means every training image
-    protocol: str = "few_shot"  # few_shot | base_to_novel | cross_dataset | domain_generalisation
+    # few_shot | base_to_novel | cross_dataset | domain_generalisation | multi_task | test_time
+    protocol: str = "few_shot"
     # cross_dataset / domain_generalisation: after training on `dataset`, evaluate the learned
     # state on each of these datasets' test split with their own class names and templates
     eval_targets: list[str] = field(default_factory=list)
     generate_missing: bool = False  # write procedural data when the folder is missing (synthetic data only)
+    # a missing split JSON is written next to the data by the reference's rule (not the
+    # published file; a line on stderr says so); false: a missing split file is an error
+    make_missing_splits: bool = True
+    # true: unreadable/corrupt images are dropped from every split and counted
+    # (metric bad_images_skipped); false: the first one stops the run, naming the file
+    skip_bad_images: bool = False
     loader_workers: int = 0  # torch DataLoader worker processes
 
 
@@ -166,7 +175,14 @@ def _first_line(err: Exception) -> str:
 
 
 _CHOICES = {
-    "data.protocol": ("few_shot", "base_to_novel", "cross_dataset", "domain_generalisation"),
+    "data.protocol": (
+        "few_shot",
+        "base_to_novel",
+        "cross_dataset",
+        "domain_generalisation",
+        "multi_task",
+        "test_time",
+    ),
     "model.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "resources.use_gpu": ("auto", "true", "false"),
@@ -180,8 +196,15 @@ PROTOCOL_METRICS = {
     "base_to_novel": ("test_acc", "val_acc", "base_acc", "novel_acc", "hm"),
     "cross_dataset": ("test_acc", "val_acc", "target_acc_mean"),
     "domain_generalisation": ("test_acc", "val_acc", "target_acc_mean"),
+    # test_acc / val_acc: the mean over tasks of each task's accuracy (SoftCPT's
+    # ClassificationMT evaluator); per task also task_acc/<task>
+    "multi_task": ("test_acc", "val_acc"),
+    # no training: each test image is classified on its own, labels withheld; with
+    # data.eval_targets also target_acc/<dataset> and their mean
+    "test_time": ("test_acc", "target_acc_mean"),
 }
 _TRANSFER = ("cross_dataset", "domain_generalisation")
+_OPTIONAL_TARGETS = ("test_time",)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -205,6 +228,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"sweep.metric={cfg.sweep.metric!r}: protocol {cfg.data.protocol} reports {', '.join(metrics)}"
         )
+    if cfg.sweep.metric == "target_acc_mean" and not cfg.data.eval_targets:
+        raise ConfigError("sweep.metric=target_acc_mean needs data.eval_targets")
     method_section(cfg.method)  # raises on unknown method / keys
     _validate_names(cfg)
     _validate_space(cfg)
@@ -214,23 +239,34 @@ def _validate_names(cfg: DictConfig) -> None:
     """Dataset and model names, checked against the catalog and open_clip's registry."""
     import open_clip
 
-    from vlprompt.datasets import get_entry
+    from vlprompt.datasets import check_task_source, get_entry, is_multitask
     from vlprompt.methods import clip  # noqa: F401 - registers vlprompt's model configs
 
-    for key, name in [("data.dataset", cfg.data.dataset)] + [
-        (f"data.eval_targets[{i}]", t) for i, t in enumerate(cfg.data.eval_targets)
-    ]:
+    multi = cfg.data.protocol == "multi_task"
+    try:
+        check_task_source(cfg.data.dataset)  # a dataset or a task group
+        several = is_multitask(cfg.data.dataset)
+    except ValueError as err:
+        raise ConfigError(f"data.dataset: {err}") from None
+    if not multi and several:
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset!r} holds several tasks; train on it with "
+            "data.protocol=multi_task"
+        )
+    for i, name in enumerate(cfg.data.eval_targets):
         try:
             get_entry(name)
         except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from None
-    if (cfg.data.protocol in _TRANSFER) != bool(cfg.data.eval_targets):
+            raise ConfigError(f"data.eval_targets[{i}]: {err}") from None
+    if cfg.data.protocol in _OPTIONAL_TARGETS:
+        pass
+    elif (cfg.data.protocol in _TRANSFER) != bool(cfg.data.eval_targets):
         raise ConfigError(
             f"data.protocol={cfg.data.protocol} "
             + (
                 "needs data.eval_targets (the datasets to transfer to)"
                 if cfg.data.protocol in _TRANSFER
-                else "takes no data.eval_targets; use cross_dataset or domain_generalisation"
+                else "takes no data.eval_targets; use cross_dataset, domain_generalisation or test_time"
             )
         )
     if cfg.model.name not in open_clip.list_models():
@@ -320,6 +356,9 @@ def resolve_paths(cfg: DictConfig, base: Path | None = None) -> DictConfig:
     pretrained = cfg.model.pretrained
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         cfg.model.pretrained = str((base / os.path.expanduser(pretrained)).resolve())
+    init_state = cfg.method.get("init_state")  # a learned_state.pt to start from (tpt)
+    if init_state:
+        cfg.method.init_state = str((base / os.path.expanduser(init_state)).resolve())
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, base)
     cfg.sweep.name = cfg.sweep.name or cfg.name
     return cfg

@@ -81,6 +81,19 @@ def test_paths_become_absolute_before_ray(tmp_path, monkeypatch):
     assert cfg.sweep.name == "quickstart"
     # an open_clip tag is not a path
     assert resolve_paths(load_config("coop_fewshot"), tmp_path).model.pretrained == "openai"
+    # a TPT+CoOp run's starting context is a file too
+    tpt = resolve_paths(load_config("test_time", ["method.init_state=runs/learned_state.pt"]), tmp_path)
+    assert tpt.method.init_state == str(tmp_path / "runs" / "learned_state.pt")
+
+
+def test_protocols_check_what_their_dataset_and_targets_must_be():
+    with pytest.raises(ConfigError, match="multi_task"):  # a group outside the multi-task protocol
+        load_config("quickstart", ["data.dataset=general10", "sweep.space={}"])
+    with pytest.raises(ConfigError, match=r"needs data\.eval_targets"):
+        load_config("test_time", ["data.eval_targets=[]"])  # preset's metric is target_acc_mean
+    ok = load_config("test_time", ["data.eval_targets=[]", "sweep.metric=test_acc"])
+    assert ok.data.protocol == "test_time" and list(ok.data.eval_targets) == []
+    assert load_config("multi_task", ["data.dataset=fashion20"]).data.dataset == "fashion20"
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):

@@ -192,7 +192,7 @@ def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, 
 
     # fit saw the whole few-shot train split once, encoded with the test transform
     train, backbone = seen["train"], seen["backbone"]
-    splits = prepare_data(cfg).splits
+    splits = prepare_data(cfg).tasks["synthetic"]
     assert train.labels.tolist() == [d.label for d in splits.train]
     tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
     images = torch.stack([vds.ImageDataset(splits.train[:3], tf)[i][0] for i in range(3)])
