@@ -14,6 +14,11 @@ the SGD epochs by one full-batch solve on cached features: the train split encod
 with the test transform (as CoOp's ``lpclip`` does) and the val split; ``train.epochs``,
 ``lr`` and ``feature_views`` do not apply to them.
 
+Protocols shape only the data and the metrics, never the method: ``multi_task`` trains one
+method on every task of a group (batches cut per task, losses summed, accuracy per task and
+their mean); ``test_time`` trains nothing and classifies each test image on its own, handing
+methods that adapt (``test_time_views``) the image's augmented views in ``Batch.views``.
+
 Distributed training (``num_workers > 1``) is exact rather than approximate: every
 rank draws the same seeded permutation, takes its slice of each *global* batch
 (``train.batch_size`` is the global batch size), and the gradients of the trainable
