@@ -22,7 +22,8 @@ def test_unknown_method_lists_names_and_suggests() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown method 'coopp' \(did you mean 'coop'\?\); "
-        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, softcpt, tpt, zeroshot",
+        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, softcpt, tpt, "
+        r"zeroshot",
     ):
         get_method("coopp")
 
