@@ -54,6 +54,9 @@ class DataConfig:
     # (metric bad_images_skipped); false: the first one stops the run, naming the file
     skip_bad_images: bool = False
     loader_workers: int = 0  # torch DataLoader worker processes
+    # folder of cached frozen image features (Parquet, orchestrator/features.py), shared by
+    # every trial and sweep that encodes the same images the same way; null turns it off
+    feature_cache: str | None = "feature_cache"
 
 
 @dataclass
@@ -353,6 +356,8 @@ def resolve_paths(cfg: DictConfig, base: Path | None = None) -> DictConfig:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     cfg.data.root = str((base / os.path.expanduser(cfg.data.root)).resolve())
     cfg.sweep.storage_path = str((base / os.path.expanduser(cfg.sweep.storage_path)).resolve())
+    if cfg.data.feature_cache:
+        cfg.data.feature_cache = str((base / os.path.expanduser(cfg.data.feature_cache)).resolve())
     pretrained = cfg.model.pretrained
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         cfg.model.pretrained = str((base / os.path.expanduser(pretrained)).resolve())

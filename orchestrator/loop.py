@@ -53,6 +53,7 @@ from vlprompt.methods.base import Batch, FeatureSet, FitsFeatures, count_trainab
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.config import flatten, method_section
+from vlprompt.orchestrator.features import FeatureStore, backbone_identity, feature_key
 
 
 @dataclass
@@ -179,19 +180,51 @@ class _Source:
     def __len__(self) -> int:
         return len(self.items)
 
-    def cache_features(self, backbone: Backbone, views: int, device: torch.device, batch: int) -> None:
-        """Encode every image ``views`` times (a fresh random transform draw each time)."""
-        out = []
+    def _encode(self, backbone: Backbone, device: torch.device, batch: int) -> Tensor:
+        """Every image through the transform once, encoded: ``(N, D)`` fp32 on the CPU."""
         with torch.no_grad():
-            for _ in range(views):
-                chunks = [
-                    backbone.encode_image(images.to(device)).float().cpu()
-                    for images, _ in self._loader(
-                        [list(range(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
-                    )
-                ]
-                out.append(torch.cat(chunks))
-        self.features = torch.stack(out)
+            chunks = [
+                backbone.encode_image(images.to(device)).float().cpu()
+                for images, _ in self._loader(
+                    [list(range(i, min(i + batch, len(self)))) for i in range(0, len(self), batch)]
+                )
+            ]
+        return torch.cat(chunks) if chunks else torch.empty(0, backbone.embed_dim)
+
+    def cache_views(self, backbone: Backbone, views: int, device: torch.device, batch: int) -> None:
+        """Encode every image ``views`` times, a fresh random transform draw each time (a run's
+        own augmented training views: drawn from the run's RNG stream, never stored)."""
+        self.features = torch.stack([self._encode(backbone, device, batch) for _ in range(views)])
+
+    def cache_test_features(
+        self,
+        backbone: Backbone,
+        device: torch.device,
+        batch: int,
+        store: FeatureStore | None,
+        identity: dict[str, Any],
+    ) -> None:
+        """Encode every image once through the deterministic test transform, via ``store``.
+
+        Runs under a forked RNG: whether the features come from the disk cache or are
+        computed (the data loader draws a seed) must not move the run's random stream.
+        """
+
+        def encode() -> Tensor:
+            with torch.random.fork_rng(devices=[]):
+                return self._encode(backbone, device, batch)
+
+        if store is None or not len(self):
+            self.features = encode().unsqueeze(0)
+            return
+        key = feature_key(
+            identity["backbone"],
+            identity["precision"],
+            identity["device"],
+            repr(self.dataset.transform),
+            [item.path for item in self.items],
+        )
+        self.features = store.get_or_compute(key, encode).unsqueeze(0)
 
     def task_features(self, task: str) -> tuple[Tensor, Tensor]:
         """The first cached view's features and the labels of one task's items."""
@@ -513,13 +546,19 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
         eval_items[f"target/{name}"] = (next(iter(tasks)), target.test)
     if not adapts:
         sources = {key: _Source({task: items}, test_tf, workers) for key, (task, items) in eval_items.items()}
+    store = FeatureStore(Path(cfg.data.feature_cache)) if cfg.data.feature_cache else None
+    identity = {
+        "backbone": backbone_identity(cfg.model.name, cfg.model.pretrained, cfg.seed),
+        "precision": cfg.model.precision,
+        "device": ctx.device.type,
+    }
     if frozen_images and not adapts:  # deterministic test transform → cached features are exact
         for src in sources.values():
-            src.cache_features(backbone, 1, ctx.device, cfg.train.eval_batch_size)
+            src.cache_test_features(backbone, ctx.device, cfg.train.eval_batch_size, store, identity)
         if full_batch:
-            train_src.cache_features(backbone, 1, ctx.device, cfg.train.eval_batch_size)
+            train_src.cache_test_features(backbone, ctx.device, cfg.train.eval_batch_size, store, identity)
         elif params and cfg.train.feature_views > 0:
-            train_src.cache_features(backbone, cfg.train.feature_views, ctx.device, cfg.train.eval_batch_size)
+            train_src.cache_views(backbone, cfg.train.feature_views, ctx.device, cfg.train.eval_batch_size)
 
     if log:
         tracking.log_params(
@@ -622,6 +661,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     metrics.update(
         trainable_params=float(n_trainable),
         bad_images_skipped=float(len(data.skipped_images)),
+        **(store.stats() if store is not None else {}),
         time_setup_s=t_setup - t_start,
         time_train_s=t_train - t_setup,
         time_eval_s=t_end - t_train,
