@@ -22,6 +22,7 @@ from vlprompt.methods import (
     kgcoop,
     linear_probe,
     maple,
+    promptkd,
     softcpt,
     tpt,
     zeroshot,
@@ -48,6 +49,9 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "softcpt": MethodSpec(
         softcpt.SoftCPTConfig, softcpt.build, "SoftCPT: per-task CoOp context generated from the task name"
+    ),
+    "promptkd": MethodSpec(
+        promptkd.PromptKDConfig, promptkd.build, "PromptKD: visual prompts distilled from a frozen teacher"
     ),
     "tpt": MethodSpec(
         tpt.TPTConfig, tpt.build, "TPT: CoOp context tuned on each test image's augmented views"

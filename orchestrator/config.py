@@ -361,9 +361,13 @@ def resolve_paths(cfg: DictConfig, base: Path | None = None) -> DictConfig:
     pretrained = cfg.model.pretrained
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         cfg.model.pretrained = str((base / os.path.expanduser(pretrained)).resolve())
-    init_state = cfg.method.get("init_state")  # a learned_state.pt to start from (tpt)
-    if init_state:
-        cfg.method.init_state = str((base / os.path.expanduser(init_state)).resolve())
+    # files a method reads: a learned_state.pt to start from (tpt), a teacher's (promptkd)
+    for key in ("init_state", "teacher_state"):
+        if cfg.method.get(key):
+            cfg.method[key] = str((base / os.path.expanduser(cfg.method[key])).resolve())
+    teacher = cfg.method.get("teacher_pretrained")
+    if teacher and ("/" in teacher or teacher.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        cfg.method.teacher_pretrained = str((base / os.path.expanduser(teacher)).resolve())
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, base)
     cfg.sweep.name = cfg.sweep.name or cfg.name
     return cfg

@@ -18,9 +18,14 @@ PRESETS = [
     "domain_generalisation",
     "multi_task",
     "test_time",
+    "promptkd",
 ]
 # what keeps a preset's run short on the tiny model (TPT's 63 views per image → 9)
-SHORTER = {"test_time": ["method.n_views=9"]}
+SHORTER = {
+    "test_time": ["method.n_views=9"],
+    # PromptKD's ViT-L-14 teacher would be a download: the bundled small CLIP teaches instead
+    "promptkd": ["method.teacher_model=vlp-small", "method.teacher_pretrained=bundled"],
+}
 
 
 def test_there_is_a_preset_for_every_protocol():

@@ -30,6 +30,13 @@ def vit_b16() -> Backbone:
         # SoftCPT-NATA: proj 512 x (16 * 512) + task context 4 x 512 (METHODS.md §5, §11)
         ("softcpt", {}, 4_196_352),
         ("zeroshot", {"template": "a photo of a {}."}, 0),
+        # PromptKD student, random ViT-L-14 teacher: vision prompts 9 x 4 x 768 + projector
+        # Conv1x1(512->768) 393,984 + BN 1,536 + Conv1x1(768->768) 590,592 (METHODS.md §6, §11)
+        (
+            "promptkd",
+            {"teacher_pretrained": None, "teacher_options": {"template": "a photo of a {}."}},
+            1_013_760,
+        ),
     ],
 )
 def test_trainable_parameters_vit_b16(vit_b16: Backbone, name: str, options: dict, expected: int) -> None:

@@ -9,6 +9,9 @@ from vlprompt.methods.base import Method
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.coop import CoOpConfig
 
+# PromptKD's default teacher is ViT-L-14 "openai" (a download); tests use the bundled small CLIP
+OFFLINE_OPTIONS = {"promptkd": {"teacher_model": "vlp-small", "teacher_pretrained": "bundled"}}
+
 
 def test_registry_names() -> None:
     assert {"ivlp", "maple", "bias_tuning"} <= set(METHODS)
@@ -22,8 +25,8 @@ def test_unknown_method_lists_names_and_suggests() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown method 'coopp' \(did you mean 'coop'\?\); "
-        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, softcpt, tpt, "
-        r"zeroshot",
+        r"known methods: bias_tuning, cocoop, coop, ivlp, kgcoop, linear_probe, maple, promptkd, softcpt, "
+        r"tpt, zeroshot",
     ):
         get_method("coopp")
 
@@ -42,8 +45,9 @@ def test_unknown_option_names_key_and_valid_ones() -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_builds_and_follows_the_protocol(tiny: Backbone, name: str) -> None:
-    method = build_method(name, tiny, {"t": ["cat", "dog"]}, {}, templates={"t": "a photo of a {}."})
+    options = OFFLINE_OPTIONS.get(name, {})
+    method = build_method(name, tiny, {"t": ["cat", "dog"]}, options, templates={"t": "a photo of a {}."})
     assert isinstance(method, Method)
-    assert method.frozen_image_tower is (name not in {"ivlp", "maple", "bias_tuning"})
+    assert method.frozen_image_tower is (name not in {"ivlp", "maple", "bias_tuning", "promptkd"})
     assert not any(p is q for p in method.parameters() for q in tiny.parameters())  # backbone not owned
     assert set(method.learned_state()) <= set(method.state_dict())
