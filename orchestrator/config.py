@@ -354,20 +354,26 @@ def resolve_paths(cfg: DictConfig, base: Path | None = None) -> DictConfig:
     """
     base = (base or Path.cwd()).resolve()
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    cfg.data.root = str((base / os.path.expanduser(cfg.data.root)).resolve())
-    cfg.sweep.storage_path = str((base / os.path.expanduser(cfg.sweep.storage_path)).resolve())
+
+    def absolute(path: str) -> str:
+        return str((base / os.path.expanduser(path)).resolve())
+
+    def weights(value: str | None) -> str | None:
+        """A checkpoint path made absolute; an open_clip tag ("openai", "bundled") kept as is."""
+        is_path = value and ("/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")))
+        return absolute(value) if is_path else value
+
+    cfg.data.root = absolute(cfg.data.root)
+    cfg.sweep.storage_path = absolute(cfg.sweep.storage_path)
     if cfg.data.feature_cache:
-        cfg.data.feature_cache = str((base / os.path.expanduser(cfg.data.feature_cache)).resolve())
-    pretrained = cfg.model.pretrained
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        cfg.model.pretrained = str((base / os.path.expanduser(pretrained)).resolve())
+        cfg.data.feature_cache = absolute(cfg.data.feature_cache)
+    cfg.model.pretrained = weights(cfg.model.pretrained)
     # files a method reads: a learned_state.pt to start from (tpt), a teacher's (promptkd)
     for key in ("init_state", "teacher_state"):
         if cfg.method.get(key):
-            cfg.method[key] = str((base / os.path.expanduser(cfg.method[key])).resolve())
-    teacher = cfg.method.get("teacher_pretrained")
-    if teacher and ("/" in teacher or teacher.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        cfg.method.teacher_pretrained = str((base / os.path.expanduser(teacher)).resolve())
+            cfg.method[key] = absolute(cfg.method[key])
+    if "teacher_pretrained" in cfg.method:
+        cfg.method.teacher_pretrained = weights(cfg.method.teacher_pretrained)
     cfg.tracking.uri = tracking_uri(cfg.tracking.uri, base)
     cfg.sweep.name = cfg.sweep.name or cfg.name
     return cfg

@@ -84,6 +84,14 @@ def test_paths_become_absolute_before_ray(tmp_path, monkeypatch):
     # a TPT+CoOp run's starting context is a file too
     tpt = resolve_paths(load_config("test_time", ["method.init_state=runs/learned_state.pt"]), tmp_path)
     assert tpt.method.init_state == str(tmp_path / "runs" / "learned_state.pt")
+    # and PromptKD's teacher: its state and a checkpoint path, while a tag stays a tag
+    kd = resolve_paths(
+        load_config("promptkd", ["method.teacher_state=t/state.pt", "method.teacher_pretrained=w/l14.pt"]),
+        tmp_path,
+    )
+    assert kd.method.teacher_state == str(tmp_path / "t" / "state.pt")
+    assert kd.method.teacher_pretrained == str(tmp_path / "w" / "l14.pt")
+    assert resolve_paths(load_config("promptkd"), tmp_path).method.teacher_pretrained == "openai"
 
 
 def test_protocols_check_what_their_dataset_and_targets_must_be():
