@@ -143,9 +143,12 @@ def augmix(
 
 # ---------------------------------------------------------------- the per-image transform
 class AugmentedViews:
-    """``image -> (original, views)``: the test-transformed image and ``n_views`` random views.
+    """``PIL image -> (original (C, H, W), views (n_views, C, H, W))``: the test-transformed
+    image and ``n_views`` random views (TPT).
 
-    A plain class of picklable parts, so it can run inside DataLoader worker processes.
+    ``image_size``, ``mean`` and ``std`` are the backbone's (as for the other transforms); the
+    defaults of the keyword options are the reference's. A plain class of picklable parts, so
+    it can run inside DataLoader worker processes.
     """
 
     def __init__(
@@ -207,33 +210,9 @@ class AugmentedViews:
         )
 
 
-def test_time_views(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    n_views: int,
-    *,
-    augmix: bool = False,
-    min_scale: float = 0.08,
-    severity: int = 1,
-    interpolation: str = "bilinear",
-) -> AugmentedViews:
-    """The transform ``PIL image -> (original (C, H, W), views (n_views, C, H, W))`` (TPT).
-
-    ``image_size``, ``mean`` and ``std`` are the backbone's (as for the other transforms);
-    the defaults of the keyword options are the reference's.
-    """
-    return AugmentedViews(
-        image_size,
-        mean,
-        std,
-        n_views,
-        augmix=augmix,
-        min_scale=min_scale,
-        severity=severity,
-        interpolation=interpolation,
-    )
+test_time_views = AugmentedViews
+"""The name the rest of vlprompt uses for the TPT view transform (``vds.test_time_views``)."""
 
 
 # The name starts with "test_": stop pytest from collecting it wherever a test module imports it.
-test_time_views.__test__ = False  # type: ignore[attr-defined]
+AugmentedViews.__test__ = False  # type: ignore[attr-defined]
