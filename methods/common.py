@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,21 @@ def hold_backbone(module: nn.Module, backbone: Backbone) -> None:
     its own tensors: checkpoints hold what was learned, never a copy of CLIP.
     """
     object.__setattr__(module, "backbone", backbone)
+
+
+def read_saved_state(path: str, what: str) -> object:
+    """What ``torch.save`` wrote at ``path``, read without running code (``weights_only``).
+
+    For options that name a saved state (TPT's ``init_state``, PromptKD's ``teacher_state``);
+    ``what`` ("tpt init_state") starts every error, which names the file.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{what}: {file} does not exist or is not a file")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load: UnpicklingError (weights_only), RuntimeError, EOFError ...
+        raise ValueError(f"{what}: cannot read {file} as a torch-saved state: {err}") from err
 
 
 def init_context(

@@ -62,6 +62,7 @@ from vlprompt.methods.common import (
     check_templates,
     hold_backbone,
     normal_prompts,
+    read_saved_state,
     require_images,
     vision_prompt_hooks,
 )
@@ -211,12 +212,7 @@ def teacher_text_features(teacher: nn.Module, classes: TaskClasses, method: str)
 def load_teacher_state(teacher: nn.Module, path: str, method: str) -> None:
     """``teacher.load_state_dict`` from a vlprompt ``learned_state.pt``; every error names the file."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"promptkd teacher_state: {file} does not exist or is not a file")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load: UnpicklingError (weights_only), RuntimeError, EOFError ...
-        raise ValueError(f"promptkd teacher_state: cannot read {file} as a torch-saved state: {err}") from err
+    state = read_saved_state(path, "promptkd teacher_state")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"promptkd teacher_state: {file} is not a learned_state.pt (name -> tensor)")
     try:

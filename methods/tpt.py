@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from vlprompt.methods import coop
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
-from vlprompt.methods.common import cosine_logits, hold_backbone, image_features
+from vlprompt.methods.common import cosine_logits, hold_backbone, image_features, read_saved_state
 
 
 @dataclass
@@ -236,12 +236,7 @@ def load_context(path: str, shape: Sequence[int]) -> Tensor:
     """The ``ctx`` tensor saved at ``path`` (``{"ctx"}`` or ``{"state_dict": {"ctx"}}``), fp32 on the
     CPU, after checking it has ``shape``; errors name the file."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"tpt init_state: {file} does not exist or is not a file")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load: UnpicklingError (weights_only), RuntimeError, EOFError ...
-        raise ValueError(f"tpt init_state: cannot read {file} as a torch-saved state: {err}") from err
+    state = read_saved_state(path, "tpt init_state")
     if isinstance(state, dict) and "ctx" not in state and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a CoOp/Dassl checkpoint (prompt_learner/model.pth.tar-N)
     ctx = state.get("ctx") if isinstance(state, dict) else None
