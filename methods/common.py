@@ -148,17 +148,34 @@ def class_prompts(
     A prompt that does not fit the context length is a ``ValueError`` naming the class and
     ``method``, where the reference's tokenizer silently cuts it.
     """
+
+    def too_long(row: int, name: str, name_len: int, limit: int) -> str:
+        return (
+            f"{method}: class name {name!r} (task {classes.task_of_row(row)!r}) is {name_len} tokens; "
+            f"with {n_ctx} context tokens, start/end tokens and '.' its prompt needs "
+            f"{n_ctx + name_len + 3} positions but {backbone.name} has {limit}. "
+            "Shorten the class name or lower n_ctx."
+        )
+
+    return sentence_prompts(backbone, classes.names, prompt_prefix, n_ctx, too_long)
+
+
+def sentence_prompts(
+    backbone: Backbone,
+    names: Sequence[str],
+    prompt_prefix: str,
+    n_ctx: int,
+    too_long: Callable[[int, str, int, int], str],
+) -> ClassPrompts:
+    """:func:`class_prompts` for any names (SoftCPT's task names too): ``"<prompt_prefix> <name>."``
+    tokenised, the embeddings around its ``n_ctx`` context positions kept. A sentence longer
+    than the context is a ``ValueError`` with ``too_long(index, name, name tokens, limit)``."""
     limit = backbone.context_length
-    name_lens = tuple(backbone.num_tokens(name) for name in classes.names)
-    for row, (name, name_len) in enumerate(zip(classes.names, name_lens, strict=True)):
+    name_lens = tuple(backbone.num_tokens(name) for name in names)
+    for index, (name, name_len) in enumerate(zip(names, name_lens, strict=True)):
         if n_ctx + name_len + 3 > limit:
-            raise ValueError(
-                f"{method}: class name {name!r} (task {classes.task_of_row(row)!r}) is {name_len} tokens; "
-                f"with {n_ctx} context tokens, start/end tokens and '.' its prompt needs "
-                f"{n_ctx + name_len + 3} positions but {backbone.name} has {limit}. "
-                "Shorten the class name or lower n_ctx."
-            )
-    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in classes.names])
+            raise ValueError(too_long(index, name, name_len, limit))
+    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in names])
     with torch.no_grad():
         embedding = backbone.token_embedding(ids).float()
     return ClassPrompts(

@@ -78,6 +78,7 @@ from vlprompt.methods.common import (
     hold_backbone,
     image_features,
     init_context,
+    sentence_prompts,
 )
 
 
@@ -126,23 +127,15 @@ def task_name(task: str, task_names: Mapping[str, str]) -> str:
 def task_prompts(backbone: Backbone, names: Sequence[str], prompt_prefix: str, n_ctx: int) -> ClassPrompts:
     """Tokenise ``"<prompt_prefix> <task name>."`` per task and keep the embeddings around its
     ``n_ctx`` context positions (SOS; name, ".", EOS, padding)."""
-    limit = backbone.context_length
-    for name in names:
-        needed = n_ctx + backbone.num_tokens(name) + 3
-        if needed > limit:
-            raise ValueError(
-                f"softcpt: task name {name!r} with {n_ctx} task-context tokens needs {needed} positions "
-                f"but {backbone.name} has {limit}; shorten it with method.task_names or lower task_n_ctx"
-            )
-    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in names])
-    with torch.no_grad():
-        embedding = backbone.token_embedding(ids).float()
-    return ClassPrompts(
-        prefix=embedding[:, :1].clone(),
-        suffix=embedding[:, 1 + n_ctx :].clone(),
-        eot=backbone.eot_positions(ids),
-        name_lens=tuple(backbone.num_tokens(name) for name in names),
-    )
+
+    def too_long(_: int, name: str, name_len: int, limit: int) -> str:
+        return (
+            f"softcpt: task name {name!r} with {n_ctx} task-context tokens needs {n_ctx + name_len + 3} "
+            f"positions but {backbone.name} has {limit}; shorten it with method.task_names or lower "
+            "task_n_ctx"
+        )
+
+    return sentence_prompts(backbone, names, prompt_prefix, n_ctx, too_long)
 
 
 class SoftCPT(nn.Module):
