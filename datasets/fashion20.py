@@ -67,8 +67,6 @@ TASK_INFO_FILE = "task_info.csv"
 FEWSHOT_DIR = "split_fewshot_mt"
 """SoftCPT's few-shot folder; vlprompt's per-task caches go in ``<FEWSHOT_DIR>/<task id>/``."""
 DEFAULT_SEED = 1
-TRAIN_FRACTION = 0.5
-VAL_FRACTION = 0.2
 
 TASK_TEMPLATES: tuple[str, ...] = (
     *["a photo of {}, a type of pants."] * 3,  # tasks 0-2
@@ -241,7 +239,8 @@ def split_rows(
     image_root: Path, tasks: Sequence[Task], seed: int = DEFAULT_SEED
 ) -> dict[str, list[SplitRow]]:
     """The split the rule in the module docstring gives for the images under ``image_root``."""
-    from vlprompt.datasets.readers import list_images  # local: the catalog imports this module
+    from vlprompt.datasets.generate import split_counts  # local: the catalog imports this module
+    from vlprompt.datasets.readers import list_images
 
     found = _int_folders(image_root, "task", len(tasks))
     rng = random.Random(seed)
@@ -257,8 +256,8 @@ def split_rows(
         ]
         rng.shuffle(items)
         n = len(items)
-        n_train, n_val = round(n * TRAIN_FRACTION), round(n * VAL_FRACTION)
-        if n_train == 0 or n_val == 0 or n - n_train - n_val == 0:
+        n_train, n_val, n_test = split_counts(n)
+        if 0 in (n_train, n_val, n_test):
             raise ValueError(
                 f"task {task.id} ({task.name}): {n} images under {task_dir}, too few for a 50/20/30 "
                 f"split with every split non-empty"

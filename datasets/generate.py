@@ -140,11 +140,12 @@ def _reuse(folder: Path, params: dict[str, Any]) -> Path:
     return folder
 
 
-def split_counts(images_per_class: int) -> tuple[int, int, int]:
-    """(train, val, test) images per class for the 50/20/30 split."""
-    n_train = round(images_per_class * TRAIN_FRACTION)
-    n_val = round(images_per_class * VAL_FRACTION)
-    return n_train, n_val, images_per_class - n_train - n_val
+def split_counts(n: int) -> tuple[int, int, int]:
+    """(train, val, test) counts of the 50/20/30 cut of ``n`` images: the generator's per class,
+    and the rules of ``makesplit`` (per class) and ``fashion20`` (per task)."""
+    n_train = round(n * TRAIN_FRACTION)
+    n_val = round(n * VAL_FRACTION)
+    return n_train, n_val, n - n_train - n_val
 
 
 def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ from typing import Any
 
 from vlprompt.datasets.benchmarks import sun397_name, ucf101_name, year_first
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
-from vlprompt.datasets.generate import TRAIN_FRACTION, VAL_FRACTION
+from vlprompt.datasets.generate import split_counts
 from vlprompt.datasets.readers import list_images
 from vlprompt.datasets.splits import Row, check_labels, write_split_file
 
@@ -163,8 +163,8 @@ def _cut_50_20_30(where: str, by_label: dict[int, list[Row]], rng: random.Random
         items = sorted(by_label[label])
         rng.shuffle(items)
         n = len(items)
-        n_train, n_val = round(n * TRAIN_FRACTION), round(n * VAL_FRACTION)
-        if n_train == 0 or n_val == 0 or n - n_train - n_val == 0:
+        n_train, n_val, n_test = split_counts(n)
+        if 0 in (n_train, n_val, n_test):
             raise ValueError(
                 f"{where}: class {items[0][2]!r} (label {label}) has {n} images, too few for a "
                 f"50/20/30 split with every split non-empty"
