@@ -50,7 +50,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -311,16 +310,10 @@ def make_split(
 
 
 def _write_atomic(target: Path, text: str) -> None:
-    """Write beside ``target`` and rename, so a reader elsewhere never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write beside ``target`` and rename over it (makesplit's writer, with ``overwrite``)."""
+    from vlprompt.datasets.makesplit import write_atomically  # local: makesplit imports this module
+
+    write_atomically(target, text, overwrite=True)
 
 
 # --- reading ----------------------------------------------------------------------------------

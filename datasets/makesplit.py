@@ -79,7 +79,7 @@ from vlprompt.datasets.benchmarks import sun397_name, ucf101_name, year_first
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
 from vlprompt.datasets.generate import split_counts
 from vlprompt.datasets.readers import list_images
-from vlprompt.datasets.splits import Row, check_labels, write_split_file
+from vlprompt.datasets.splits import Row, check_labels, split_file_text
 
 DEFAULT_SEED = 1
 TRAINVAL_VAL_FRACTION = 0.2  # CoOp OxfordPets.split_trainval(p_val=0.2)
@@ -143,7 +143,7 @@ def make_split(name: str, root: str | Path, *, seed: int = DEFAULT_SEED, overwri
     where = f"dataset {entry.name!r}: split regenerated from {rule.files}"
     check_labels(where, rows)
     _check_listed_images(where, folder / entry.image_dir, rows)
-    _write_atomically(target, rows, overwrite=overwrite)
+    write_atomically(target, split_file_text(rows), overwrite=overwrite)
     return target
 
 
@@ -421,7 +421,10 @@ def _check_listed_images(where: str, image_root: Path, rows: Rows) -> None:
         )
 
 
-def _write_atomically(target: Path, rows: Rows, *, overwrite: bool) -> None:
+def write_atomically(target: Path, text: str, *, overwrite: bool) -> None:
+    """Write a split file beside the data so no reader ever sees half of it: a temporary file,
+    then a hard link (never replaces a file another process wrote meanwhile) or, with
+    ``overwrite``, a rename. Used for every rule's file, Fashion-20's too."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     except PermissionError as exc:
@@ -431,7 +434,7 @@ def _write_atomically(target: Path, rows: Rows, *, overwrite: bool) -> None:
         ) from exc
     os.close(fd)
     try:
-        write_split_file(tmp, rows)
+        Path(tmp).write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o644)
         if overwrite:
             os.replace(tmp, target)

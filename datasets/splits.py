@@ -210,11 +210,15 @@ def _check_images_exist(path: Path, image_root: Path, rows: Mapping[str, Sequenc
         )
 
 
-def write_split_file(path: str | Path, rows: Mapping[str, Sequence[Row]]) -> None:
-    """Write a split file in CoOp's format (``json.dump(indent=4)``), byte-stable for the same rows."""
+def split_file_text(rows: Mapping[str, Sequence[Row]]) -> str:
+    """A split file's text in CoOp's format (``json.dump(indent=4)``), byte-stable for the same rows."""
     data = {split: [[rel, int(label), cname] for rel, label, cname in rows[split]] for split in SPLIT_NAMES}
-    text = json.dumps(data, indent=4, separators=(",", ": "), ensure_ascii=False)
-    Path(path).write_text(text + "\n", encoding="utf-8")
+    return json.dumps(data, indent=4, separators=(",", ": "), ensure_ascii=False) + "\n"
+
+
+def write_split_file(path: str | Path, rows: Mapping[str, Sequence[Row]]) -> None:
+    """Write :func:`split_file_text` to ``path``."""
+    Path(path).write_text(split_file_text(rows), encoding="utf-8")
 
 
 def split_fingerprint(splits: DatasetSplits) -> str:
