@@ -533,7 +533,8 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
         else None
     )
     workers = cfg.data.loader_workers
-    train_src = _Source({t: s.train for t, s in tasks.items()}, train_tf, workers)
+    # test_time trains nothing: no training items to index (ImageNet's are 1.28 million)
+    train_src = _Source({t: () if test_time else s.train for t, s in tasks.items()}, train_tf, workers)
     sources: dict[str, _Source] = {}
     eval_items: dict[str, tuple[str, Sequence[vds.Datum]]] = {}  # source key → (task, items)
     for task, splits in tasks.items():
@@ -576,7 +577,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
                 "tasks": ", ".join(tasks),
                 "num_tasks": len(tasks),
                 "num_classes": sum(len(s.classnames) for s in tasks.values()),
-                "num_train_images": 0 if test_time else len(train_src),
+                "num_train_images": len(train_src),
                 **tracking.code_version(),
             },
         )
