@@ -345,14 +345,19 @@ def template_sentences(
 
 
 def text_features_while_unchanged(
-    cache: dict[str, tuple[tuple[int, int], Tensor]], ctx: Tensor, task: str, encode: Callable[[str], Tensor]
+    cache: dict[str, tuple[tuple[int, ...], Tensor]],
+    ctx: Tensor | tuple[Tensor, ...],
+    task: str,
+    encode: Callable[[str], Tensor],
 ) -> Tensor:
     """``encode(task)``, reused across evaluation batches while ``ctx`` is unchanged.
 
-    Prompt text features depend only on the learned context: in-place optimiser updates bump
-    its version counter and a move changes its storage, either of which invalidates the entry.
+    Prompt text features depend only on the learned tensors (``ctx``, or several, e.g. SoftCPT's
+    task context and generator): in-place optimiser updates bump a tensor's version counter and
+    a move changes its storage, either of which invalidates the entry.
     """
-    key = (ctx._version, ctx.data_ptr())
+    tensors = ctx if isinstance(ctx, tuple) else (ctx,)
+    key = tuple(n for t in tensors for n in (t._version, t.data_ptr()))
     cached = cache.get(task)
     if cached is None or cached[0] != key:
         cached = (key, encode(task))

@@ -79,6 +79,7 @@ from vlprompt.methods.common import (
     image_features,
     init_context,
     sentence_prompts,
+    text_features_while_unchanged,
 )
 
 
@@ -198,18 +199,10 @@ class SoftCPT(nn.Module):
         )
         return cross_entropy(logits, batch.labels)
 
-    def _eval_text_features(self, task: str) -> Tensor:
-        """``text_features(task)``, reused while neither parameter changed in place or moved."""
-        key = (self.task_ctx._version, self.task_ctx.data_ptr(), self.proj._version, self.proj.data_ptr())
-        cached = self._eval_cache.get(task)
-        if cached is None or cached[0] != key:
-            cached = (key, self.text_features(task))
-            self._eval_cache[task] = cached
-        return cached[1]
-
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        text = self._eval_text_features(batch.task)
+        learned = (self.task_ctx, self.proj)  # the text features change only when these do
+        text = text_features_while_unchanged(self._eval_cache, learned, batch.task, self.text_features)
         return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
 
     def learned_state(self) -> dict[str, Tensor]:
