@@ -583,6 +583,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
         )
     t_setup = time.perf_counter()
 
+    trained: dict[str, float] = {}
     if full_batch:
         # Every rank holds every cached feature and solves the same deterministic problem;
         # rank 0's solution is broadcast so ranks agree bit for bit even if kernels differ.
@@ -627,6 +628,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
                     f"loss {stats['train_loss']:.4f} lr {lr:.2e}",
                     flush=True,
                 )
+            trained["final_train_loss"] = stats["train_loss"]
     t_train = time.perf_counter()
 
     method.eval()
@@ -660,6 +662,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
         metrics["target_acc_mean"] = sum(metrics[f"target_acc/{n}"] for n in data.targets) / len(data.targets)
     t_end = time.perf_counter()
     metrics.update(
+        **trained,
         trainable_params=float(n_trainable),
         bad_images_skipped=float(len(data.skipped_images)),
         **(store.stats() if store is not None else {}),
