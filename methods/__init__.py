@@ -1,60 +1,144 @@
-"""Prompt-learning methods on a frozen open_clip backbone, behind one interface (``base.py``).
+"""Prompt-learning methods on a frozen open_clip backbone: the registry, and what each method can do.
 
-The registry is an explicit dict -- one line per method, nothing registered by import side
-effects (CoOp issue #38). The orchestrator validates a config's ``method`` section with
-:func:`method_config` and builds the method with :func:`build_method`.
+One explicit dict, one entry per method: its options class (``methods/options.py``), the module
+whose ``build(backbone, tasks, options)`` makes it, and its :class:`Capabilities`. Nothing is
+registered by import side effects (CoOp issue #38), and this module imports neither torch nor the
+method modules: a config is validated against the registry before anything heavy is imported,
+and :func:`build_method` imports a method's module only to build it.
+
+Whoever needs to know what a method can do -- the loop (cached features? a full-batch fit? test-
+time views?), config validation (does it run under this protocol?), composite methods (can it be
+PromptKD's teacher?) -- reads its capabilities here, never its name or its attributes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping, Sequence
-from typing import Any
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from vlprompt.methods import options as opt
 
-from vlprompt.methods import (
-    bias_tuning,
-    cocoop,
-    coop,
-    ivlp,
-    kgcoop,
-    linear_probe,
-    maple,
-    promptkd,
-    softcpt,
-    tpt,
-    zeroshot,
-)
-from vlprompt.methods.base import MethodSpec
-from vlprompt.methods.clip import Backbone
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vlprompt.methods.clip import Backbone
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared once (the loop and the checks read these, not the method)."""
+
+    learns: bool = True
+    """The loop optimises its parameters before evaluation (SGD epochs, or ``fit``). False: nothing
+    is learned (zero-shot), or only per test sample (TPT)."""
+    frozen_image_tower: bool = True
+    """The image tower is untouched, so ``Batch.features`` (cached image embeddings) are exact inputs."""
+    fits_features: bool = False
+    """Implements ``FitsFeatures.fit(train, val)`` on whole cached splits; the loop calls it instead
+    of SGD epochs. Needs ``frozen_image_tower``."""
+    text_classifier: bool = False
+    """Implements ``TextClassifier.text_features(task)``: a classifier fixed once trained (so the
+    method can be PromptKD's teacher)."""
+    test_time_views: Callable[[Any], opt.TestTimeViews] | None = None
+    """Adapts to each test image on augmented views of it (``Batch.views``): given the method's
+    options, which views. Such a method runs only where the protocol trains nothing."""
+    prompt_tokens: Callable[[Any], opt.PromptTokens | None] | None = None
+    """Given the options, where the method's prompt vectors sit when its parameters are exactly
+    per-layer prompt tokens (``param_match`` places one bias per prompt vector there)."""
+    token_space_keys: tuple[str, ...] = ()
+    """Keys of ``learned_state()`` whose rows live in the token-embedding space, decoded to their
+    nearest words in the run's record."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry."""
+
+    options: type
+    """The options dataclass (``methods/options.py``): the method's ``method.*`` keys."""
+    module: str
+    """The module under ``vlprompt.methods`` with ``build(backbone, tasks, options) -> nn.Module``."""
+    capabilities: Capabilities
+    summary: str
+
 
 METHODS: dict[str, MethodSpec] = {
     "zeroshot": MethodSpec(
-        zeroshot.ZeroShotConfig, zeroshot.build, "zero-shot CLIP with a hand-crafted template (no training)"
+        opt.ZeroShotConfig,
+        "zeroshot",
+        Capabilities(learns=False, text_classifier=True),
+        "zero-shot CLIP with a hand-crafted template (no training)",
     ),
-    "coop": MethodSpec(coop.CoOpConfig, coop.build, "CoOp: learnable context vectors in the text prompt"),
-    "cocoop": MethodSpec(cocoop.CoCoOpConfig, cocoop.build, "CoCoOp: CoOp context shifted per image"),
-    "kgcoop": MethodSpec(kgcoop.KgCoOpConfig, kgcoop.build, "KgCoOp: CoOp kept near hand-crafted prompts"),
     "linear_probe": MethodSpec(
-        linear_probe.LinearProbeConfig,
-        linear_probe.build,
+        opt.LinearProbeConfig,
+        "linear_probe",
+        Capabilities(fits_features=True),
         "Linear probe: logistic regression on CLIP image features",
     ),
-    "ivlp": MethodSpec(ivlp.IVLPConfig, ivlp.build, "IVLP: independent deep prompts in both towers"),
-    "maple": MethodSpec(maple.MaPLeConfig, maple.build, "MaPLe: deep text prompts coupled to vision prompts"),
+    "coop": MethodSpec(
+        opt.CoOpConfig,
+        "coop",
+        Capabilities(
+            text_classifier=True, prompt_tokens=opt.CoOpConfig.prompt_tokens, token_space_keys=("ctx",)
+        ),
+        "CoOp: learnable context vectors in the text prompt",
+    ),
+    "cocoop": MethodSpec(
+        opt.CoCoOpConfig,
+        "cocoop",
+        Capabilities(token_space_keys=("ctx",)),  # its text features depend on each image
+        "CoCoOp: CoOp context shifted per image",
+    ),
+    "kgcoop": MethodSpec(
+        opt.KgCoOpConfig,
+        "kgcoop",
+        Capabilities(text_classifier=True, token_space_keys=("ctx",)),
+        "KgCoOp: CoOp kept near hand-crafted prompts",
+    ),
+    "ivlp": MethodSpec(
+        opt.IVLPConfig,
+        "ivlp",
+        Capabilities(
+            frozen_image_tower=False,
+            text_classifier=True,
+            prompt_tokens=opt.IVLPConfig.prompt_tokens,
+            token_space_keys=("ctx",),
+        ),
+        "IVLP: independent deep prompts in both towers",
+    ),
+    "maple": MethodSpec(
+        opt.MaPLeConfig,
+        "maple",
+        Capabilities(frozen_image_tower=False, text_classifier=True, token_space_keys=("ctx",)),
+        "MaPLe: deep text prompts coupled to vision prompts",
+    ),
     "bias_tuning": MethodSpec(
-        bias_tuning.BiasTuningConfig, bias_tuning.build, "Bias tuning: learnable biases inside the blocks"
+        opt.BiasTuningConfig,
+        "bias_tuning",
+        Capabilities(frozen_image_tower=False, text_classifier=True),
+        "Bias tuning: learnable biases inside the blocks",
     ),
     "softcpt": MethodSpec(
-        softcpt.SoftCPTConfig, softcpt.build, "SoftCPT: per-task CoOp context generated from the task name"
+        opt.SoftCPTConfig,
+        "softcpt",
+        Capabilities(text_classifier=True, token_space_keys=("task_ctx",)),
+        "SoftCPT: per-task CoOp context generated from the task name",
     ),
     "promptkd": MethodSpec(
-        promptkd.PromptKDConfig, promptkd.build, "PromptKD: visual prompts distilled from a frozen teacher"
+        opt.PromptKDConfig,
+        "promptkd",
+        Capabilities(frozen_image_tower=False),  # a student without a text encoder of its own
+        "PromptKD: visual prompts distilled from a frozen teacher",
     ),
     "tpt": MethodSpec(
-        tpt.TPTConfig, tpt.build, "TPT: CoOp context tuned on each test image's augmented views"
+        opt.TPTConfig,
+        "tpt",
+        Capabilities(learns=False, test_time_views=opt.TPTConfig.test_time_views, token_space_keys=("ctx",)),
+        "TPT: CoOp context tuned on each test image's augmented views",
     ),
 }
 
@@ -69,20 +153,31 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         known = ", ".join(sorted(METHODS))
         raise ValueError(
-            f"unknown method {name!r}{_did_you_mean(name, list(METHODS))}; known methods: {known}"
+            f"unknown method {name!r}{_did_you_mean(str(name), list(METHODS))}; known methods: {known}"
         )
     return METHODS[name]
 
 
+def capabilities(name: str) -> Capabilities:
+    return get_method(name).capabilities
+
+
 def method_option_names(name: str) -> tuple[str, ...]:
-    """The option keys method ``name`` accepts (its config dataclass's fields)."""
-    return tuple(f.name for f in dataclasses.fields(get_method(name).config))
+    """The option keys method ``name`` accepts (its options dataclass's fields)."""
+    return tuple(f.name for f in dataclasses.fields(get_method(name).options))
+
+
+def methods_with(capability: str) -> tuple[str, ...]:
+    """The registered methods that declare ``capability`` (a :class:`Capabilities` field), sorted."""
+    return tuple(sorted(n for n, spec in METHODS.items() if getattr(spec.capabilities, capability)))
 
 
 def method_config(name: str, options: Mapping[str, Any]) -> Any:
-    """Method ``name``'s config dataclass from plain options; ``ValueError`` naming an unknown key.
+    """Method ``name``'s options dataclass from plain options; ``ValueError`` naming a bad key or value.
 
-    Needs no backbone, so a whole experiment config can be validated before anything starts.
+    Needs no backbone, so a whole experiment config can be validated before anything starts. Fields
+    that name another method (``method_with``) or hold its options (``options_of``) are checked
+    against that method's registry entry.
     """
     valid = method_option_names(name)
     for key in options:
@@ -91,25 +186,58 @@ def method_config(name: str, options: Mapping[str, Any]) -> Any:
                 f"unknown option {key!r} for method {name!r}{_did_you_mean(str(key), valid)}; "
                 f"valid options: {', '.join(valid)}"
             )
-    return get_method(name).config(**options)
+    cfg = get_method(name).options(**options)
+    for f in dataclasses.fields(cfg):
+        _check_reference(name, cfg, f)
+    return cfg
+
+
+def _check_reference(name: str, cfg: Any, f: dataclasses.Field) -> None:
+    needs = f.metadata.get("method_with")
+    if needs:
+        other = getattr(cfg, f.name)
+        get_method(other)
+        if not getattr(capabilities(other), needs):
+            raise ValueError(
+                f"{name} {f.name} {other!r} is not supported: it needs a method with {needs} "
+                f"({', '.join(methods_with(needs))})"
+            )
+    of = f.metadata.get("options_of")
+    if of:
+        other = getattr(cfg, of)
+        try:
+            method_config(other, getattr(cfg, f.name))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} {f.name} ({other}): {err}") from err
+
+
+def fill_templates(cfg: Any, templates: Mapping[str, str] | None) -> Any:
+    """``cfg`` with its ``fill="templates"`` fields set to ``templates`` where the user left them empty."""
+    if not templates:
+        return cfg
+    empty = {
+        f.name: dict(templates)
+        for f in dataclasses.fields(cfg)
+        if f.metadata.get("fill") == "templates" and not getattr(cfg, f.name)
+    }
+    return dataclasses.replace(cfg, **empty) if empty else cfg
 
 
 def build_method(
     name: str,
     backbone: Backbone,
     tasks: Mapping[str, Sequence[str]],
-    options: Mapping[str, Any],
+    options: Mapping[str, Any] | Any,
     *,
     templates: Mapping[str, str] | None = None,
 ) -> nn.Module:
-    """Build method ``name`` for ``tasks`` (task → class names) from plain options.
+    """Build method ``name`` for ``tasks`` (task → class names) from its options.
 
-    ``templates`` (task → the dataset's hand-crafted template, ``"a photo of a {}."``) is
-    context the orchestrator knows and the method config may want: it fills the config's
-    ``templates`` field when the method has one and the options did not set it; methods
-    without that field ignore it.
+    ``options`` is the options dataclass or plain options (checked by :func:`method_config`).
+    ``templates`` (task → the dataset's hand-crafted template, ``"a photo of a {}."``) is context
+    the orchestrator knows: it fills the options' ``fill="templates"`` fields left empty.
     """
-    cfg = method_config(name, options)
-    if templates is not None and "templates" in method_option_names(name) and not options.get("templates"):
-        cfg = dataclasses.replace(cfg, templates=dict(templates))
-    return get_method(name).build(backbone, tasks, cfg)
+    spec = get_method(name)
+    cfg = options if isinstance(options, spec.options) else method_config(name, options)
+    module = importlib.import_module(f"vlprompt.methods.{spec.module}")
+    return module.build(backbone, tasks, fill_templates(cfg, templates))

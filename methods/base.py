@@ -13,26 +13,28 @@ that the methods still to come fit without special cases in that loop:
   sample (with gradients it enables itself), predict, then reset; the loop never
   wraps ``predict`` in ``torch.no_grad`` -- methods that do not adapt decorate their
   own ``predict`` with it. A method that wants augmented views of each test sample
-  says how many in ``test_time_views``; the test-time protocol then fills ``Batch.views``.
-* **cached features**: methods whose image tower stays frozen set
-  ``frozen_image_tower = True`` and then accept ``Batch.features`` (the backbone's
+  declares the ``test_time_views`` capability; the test-time protocol then fills ``Batch.views``.
+* **cached features**: methods whose image tower stays frozen declare
+  ``frozen_image_tower`` and then accept ``Batch.features`` (the backbone's
   un-normalised image embeddings) in place of ``Batch.images``.
 * **full-batch solvers** (linear probe): a method may also implement the optional hook
   :class:`FitsFeatures` -- ``fit(train, val)`` on whole :class:`FeatureSet` s of cached
-  features; the loop then calls it once instead of running SGD epochs.
+  features -- and declare ``fits_features``; the loop then calls it once instead of SGD epochs.
+* **a fixed text classifier** (:class:`TextClassifier`): methods whose class weights are text
+  features that, once trained, no longer change (zero-shot, CoOp, IVLP, ...) expose them, so a
+  composite method (PromptKD's teacher) can use any of them.
+
+What a method can do is declared in its registry entry (``vlprompt.methods.METHODS``,
+:class:`~vlprompt.methods.Capabilities`), never read off the module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from vlprompt.methods.clip import Backbone
 
 
 @dataclass
@@ -74,12 +76,6 @@ class Method(Protocol):
     """What the loop needs from a method (an ``nn.Module`` holding only its learnable parts
     plus a reference to the frozen backbone)."""
 
-    #: True when the image tower is untouched, so cached image features are exact inputs.
-    frozen_image_tower: ClassVar[bool]
-    #: Keys of :meth:`learned_state` whose rows live in the token-embedding space and can
-    #: be decoded to their nearest vocabulary words (e.g. CoOp's ``ctx``).
-    token_space_keys: ClassVar[tuple[str, ...]]
-
     def training_loss(self, batch: Batch) -> Tensor:
         """Scalar loss for one batch (labels may be ``None`` for unsupervised methods)."""
         ...
@@ -93,6 +89,16 @@ class Method(Protocol):
         ...
 
     def parameters(self, recurse: bool = True) -> Any: ...
+
+
+@runtime_checkable
+class TextClassifier(Protocol):
+    """A method whose classifier is a fixed set of text features per task (capability
+    ``text_classifier``): the same rows its ``predict`` uses, once training is over."""
+
+    def text_features(self, task: str) -> Tensor:
+        """Class weights ``(n_cls, D)`` of ``task`` (not normalised), in its class order."""
+        ...
 
 
 @dataclass
@@ -120,7 +126,7 @@ class FeatureSet:
 class FitsFeatures(Protocol):
     """Optional hook of a :class:`Method` that solves in closed form / full batch.
 
-    Only for ``frozen_image_tower`` methods. When a method has it, the loop caches the
+    Only for ``frozen_image_tower`` methods (declared ``fits_features``). The loop caches the
     train split's features (test transform, one view) and the val split's, calls ``fit``
     once per task instead of the SGD epochs, and logs the returned numbers as metrics.
     ``fit`` must be deterministic: every data-parallel rank calls it on the same data.
@@ -129,15 +135,6 @@ class FitsFeatures(Protocol):
     def fit(self, train: FeatureSet, val: FeatureSet) -> dict[str, float]:
         """Set the learned tensors of ``train.task`` from the whole split; return scalars worth logging."""
         ...
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registry entry: the method's config dataclass and how to build it."""
-
-    config: type
-    build: Callable[[Backbone, Mapping[str, Sequence[str]], Any], nn.Module]
-    summary: str
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -26,8 +26,7 @@ parameters on ViT-B/16.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -36,98 +35,14 @@ from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone, BlockHooks, LayerHook
 from vlprompt.methods.common import (
     TaskClasses,
-    check_templates,
     cosine_logits,
     cross_entropy,
     hold_backbone,
     require_images,
     template_sentences,
 )
-
-TOWERS = ("text", "vision")
-TOWER_CHOICES = ("both", "text", "vision")
-SITES = ("attn", "mlp", "both")
-
-LayerSpec = int | list[int]
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-@dataclass
-class BiasTuningConfig:
-    """Where the learnable biases go."""
-
-    tower: str = "both"
-    """``both`` | ``text`` | ``vision``: which transformer(s) get biases."""
-    layers: LayerSpec | dict[str, LayerSpec] = 9
-    """A depth ``d`` (blocks 0 .. d-1, capped at the tower's blocks) or a list of block indices; or
-    ``{"text": .., "vision": ..}`` to choose per tower."""
-    site: str = "attn"
-    """``attn``: added after the attention update of the block; ``mlp``: after the MLP update;
-    ``both``: one set at each."""
-    slots: int | dict[str, int] = 1
-    """Bias vectors per (tower, block, site): vector ``j < slots-1`` for token position ``j``, the
-    last for all later positions (1: one bias for every token); or ``{"text": .., "vision": ..}``."""
-    match: str | None = None
-    """A prompt configuration to match in trainable parameters, as ``"<method> key=value ..."``
-    (e.g. ``"ivlp n_ctx_text=2 n_ctx_vision=2 depth_text=9 depth_vision=9"``). When set, the
-    placement (tower, layers, site, slots) is chosen by :func:`vlprompt.methods.param_match.
-    match_bias_tuning` on the actual backbone and replaces the fields above."""
-    template: str | None = None
-    """Hand-crafted text template for every task (``"a photo of a {}."``); overrides ``templates``."""
-    templates: dict[str, str] = field(default_factory=dict)
-    """Task → template; filled by the orchestrator with each dataset's hand-crafted template."""
-
-    def __post_init__(self) -> None:
-        if self.tower not in TOWER_CHOICES:
-            raise ValueError(f"bias_tuning tower must be one of {TOWER_CHOICES}, got {self.tower!r}")
-        if self.site not in SITES:
-            raise ValueError(f"bias_tuning site must be one of {SITES}, got {self.site!r}")
-        for tower in self.towers:
-            layers, slots = self.layers_of(tower), self.slots_of(tower)
-            if isinstance(layers, list):
-                if not layers or not all(_is_int(i, 0) for i in layers) or len(set(layers)) != len(layers):
-                    raise ValueError(
-                        f"bias_tuning layers for {tower} must be distinct block indices >= 0, got {layers!r}"
-                    )
-            elif not _is_int(layers, 1):
-                raise ValueError(
-                    f"bias_tuning layers for {tower} must be a depth >= 1 or a list of indices, "
-                    f"got {layers!r}"
-                )
-            if not _is_int(slots, 1):
-                raise ValueError(f"bias_tuning slots for {tower} must be an integer >= 1, got {slots!r}")
-        check_templates("bias_tuning", self.template, self.templates)
-        if self.match is not None:
-            parse_match(self.match)
-
-    @property
-    def towers(self) -> tuple[str, ...]:
-        return TOWERS if self.tower == "both" else (self.tower,)
-
-    @property
-    def sites(self) -> tuple[str, ...]:
-        return ("attn", "mlp") if self.site == "both" else (self.site,)
-
-    def layers_of(self, tower: str) -> LayerSpec:
-        value = self.layers.get(tower) if isinstance(self.layers, dict) else self.layers
-        if value is None:
-            raise ValueError(f"bias_tuning layers has no entry for the {tower} tower: {self.layers!r}")
-        return value
-
-    def slots_of(self, tower: str) -> int:
-        value = self.slots.get(tower, 1) if isinstance(self.slots, dict) else self.slots
-        return value
-
-    def layer_indices(self, tower: str, n_blocks: int) -> tuple[int, ...]:
-        """The block indices of ``tower`` that get biases, checked against its ``n_blocks``."""
-        spec = self.layers_of(tower)
-        indices = tuple(range(min(spec, n_blocks))) if isinstance(spec, int) else tuple(sorted(spec))
-        if indices[-1] >= n_blocks:
-            raise ValueError(f"bias_tuning: {tower} layers {spec!r} exceed the tower's {n_blocks} blocks")
-        return indices
+from vlprompt.methods.options import BiasTuningConfig, parse_match
+from vlprompt.methods.param_match import match_bias_tuning
 
 
 def bias_hook(layers: Sequence[int], bias: Tensor) -> LayerHook:
@@ -149,9 +64,6 @@ def bias_hook(layers: Sequence[int], bias: Tensor) -> LayerHook:
 
 class BiasTuning(nn.Module):
     """The bias vectors (``biases["<tower>_<site>"]`` of shape ``(n_layers, slots, W)``)."""
-
-    frozen_image_tower: ClassVar[bool] = False
-    token_space_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -211,48 +123,9 @@ class BiasTuning(nn.Module):
         return {name: t.detach().clone() for name, t in self.state_dict().items()}
 
 
-def parse_match(spec: str) -> tuple[str, dict[str, object]]:
-    """``"ivlp n_ctx_text=2 depth_text=9"`` → ``("ivlp", {"n_ctx_text": 2, "depth_text": 9})``.
-
-    A string (not a mapping) so that a sweep can choose it like any other categorical value.
-    Values are read as int, float, true/false or else kept as text.
-    """
-    words = spec.split() if isinstance(spec, str) else []
-    if not words or "=" in words[0]:
-        raise ValueError(f"bias_tuning match must look like '<method> key=value ...', got {spec!r}")
-    options: dict[str, object] = {}
-    for word in words[1:]:
-        key, sep, raw = word.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bias_tuning match: {word!r} in {spec!r} is not key=value")
-        options[key] = _scalar(raw)
-    return words[0], options
-
-
-def _scalar(raw: str) -> object:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
-
-
-def tower_positions(backbone: Backbone, tower: str) -> int:
-    """Token positions a tower runs on: the text context length, or 1 + patches."""
-    if tower == "text":
-        return backbone.context_length
-    return int(backbone.model.visual.positional_embedding.shape[0])
-
-
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTuningConfig) -> BiasTuning:
     """Zero biases at the configured places; the template prompts embedded once."""
     if cfg.match is not None:
-        # param_match builds bias-tuning modules itself, hence the import here
-        from vlprompt.methods.param_match import match_bias_tuning
-
         method, options = parse_match(cfg.match)
         placement = match_bias_tuning(backbone, method, options).config
         cfg = replace(placement, template=cfg.template, templates=cfg.templates)
@@ -263,7 +136,7 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTunin
     for tower in cfg.towers:
         n_blocks = backbone.text_layers if tower == "text" else backbone.vision_layers
         width = backbone.text_width if tower == "text" else backbone.vision_width
-        slots, positions = cfg.slots_of(tower), tower_positions(backbone, tower)
+        slots, positions = cfg.slots_of(tower), backbone.token_positions(tower)
         if slots > positions:
             raise ValueError(f"bias_tuning: {slots} {tower} slots exceed its {positions} token positions")
         layers[tower] = cfg.layer_indices(tower, n_blocks)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,13 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from torch import Tensor, nn
 
-#: open_clip JSON architectures shipped with vlprompt (``vlp-tiny`` for tests).
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-
-#: Weights shipped inside the package (``pretrained="bundled"``): ``<model>.safetensors`` in
-#: fp16, with ``<model>.safetensors.sha256`` and the ``<model>.json`` record of how it was made.
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-BUNDLED = "bundled"
+from vlprompt.methods.pretrained import (
+    BUNDLED,
+    MODEL_CONFIG_DIR,
+    WEIGHTS_DIR,
+    bundled_models,
+    is_checkpoint_path,
+)
 
 #: Called with (block index, hidden state ``(N, L, W)``) before each block; returns the
 #: hidden state to feed the block. Text: same shape (deep prompts replace tokens in place).
@@ -72,9 +71,6 @@ class BlockHooks:
     after_mlp: LayerHook | None = None
 
 
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-
-
 def register_model_configs() -> None:
     """Make the JSON configs in :data:`MODEL_CONFIG_DIR` known to open_clip (idempotent)."""
     known = set(open_clip.list_models())
@@ -85,21 +81,12 @@ def register_model_configs() -> None:
 register_model_configs()
 
 
-def _looks_like_path(value: str) -> bool:
-    return (
-        "/" in value
-        or os.sep in value
-        or value.startswith(("~", "."))
-        or value.endswith(_CHECKPOINT_SUFFIXES)
-    )
-
-
 def bundled_checkpoint(model_name: str) -> Path:
     """The packaged weights file of ``model_name``, after checking its recorded sha256."""
     path = WEIGHTS_DIR / f"{model_name}.safetensors"
     digest_file = path.with_name(path.name + ".sha256")
     if not digest_file.is_file():
-        have = sorted(p.name.removesuffix(".safetensors.sha256") for p in WEIGHTS_DIR.glob("*.sha256"))
+        have = bundled_models()
         raise ValueError(
             f"{model_name} has no bundled weights (no {digest_file}); models with bundled weights: "
             f"{', '.join(have) if have else '(none)'}"
@@ -173,7 +160,7 @@ def load_backbone(
             checkpoint = pretrained  # a tag: open_clip resolves (and downloads) it
         elif path.is_file():
             checkpoint = str(path)
-        elif _looks_like_path(pretrained) or path.exists():
+        elif is_checkpoint_path(pretrained) or path.exists():
             raise FileNotFoundError(
                 f"checkpoint file {str(path)!r} (pretrained= for {model_name}) does not exist "
                 "or is not a file"
@@ -324,6 +311,12 @@ class Backbone(nn.Module):
     @property
     def context_length(self) -> int:
         return int(self._text.positional_embedding.shape[0])
+
+    def token_positions(self, tower: str) -> int:
+        """Token positions a tower runs on: the text context length, or 1 + patches (``"vision"``)."""
+        if tower == "text":
+            return self.context_length
+        return int(self._visual.positional_embedding.shape[0])
 
     @property
     def logit_scale(self) -> Tensor:

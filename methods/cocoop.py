@@ -37,8 +37,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,32 +54,10 @@ from vlprompt.methods.common import (
     image_features,
     init_context,
 )
+from vlprompt.methods.options import CoCoOpConfig
 
 #: Meta-Net bottleneck: hidden width = image feature dimension // this (reference: 16).
 META_NET_REDUCTION = 16
-
-
-@dataclass
-class CoCoOpConfig:
-    """Options of CoCoOp (``TRAINER.COCOOP.*`` in the reference configs)."""
-
-    n_ctx: int = 4
-    """Number of learnable context tokens M (4 in ``vit_b16_c4_*``); ignored with ``ctx_init``."""
-    ctx_init: str = "a photo of a"
-    """Words to initialise the context from (the reference ``ctxv1`` configs); their token count
-    then sets M. Empty: random N(0, 0.02²) init."""
-    max_prompts_per_pass: int | None = None
-    """Most image-conditioned prompts (images × classes) encoded in one text-tower pass; bounds
-    memory in training and evaluation. None: the backbone's ``text_chunk_size``."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
-            raise ValueError(f"cocoop n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"cocoop ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
-        budget = self.max_prompts_per_pass
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"cocoop max_prompts_per_pass must be an integer >= 1 or null, got {budget!r}")
 
 
 def meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
@@ -105,9 +81,6 @@ def meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
 
 class CoCoOp(nn.Module):
     """The context ``ctx`` and the Meta-Net, plus the fixed token embeddings around the context."""
-
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Maths and bookkeeping shared by several methods, as plain functions.
 
 Kept here once so that CoOp, CoCoOp, KgCoOp, SoftCPT ... do not each re-derive them (CoOp's
-``coop.py`` and ``cocoop.py`` share 212 copied lines; ``/work/shared/STYLE.md``).
+``coop.py`` and ``cocoop.py`` share 212 copied lines; the house style).
 """
 
 from __future__ import annotations
@@ -211,23 +211,6 @@ def cross_entropy(logits: Tensor, labels: Tensor | None) -> Tensor:
     if labels is None:
         raise ValueError("this method trains on labelled batches; Batch.labels is None")
     return F.cross_entropy(logits.float(), labels.to(logits.device))
-
-
-def check_templates(method: str, template: object, templates: object) -> None:
-    """Validate a method's ``template`` / ``templates`` options (one ``{}`` for the class name)."""
-
-    def check(value: object, where: str) -> None:
-        if not isinstance(value, str) or value.count("{}") != 1:
-            raise ValueError(
-                f"{where} must be a string with exactly one '{{}}' for the class name, got {value!r}"
-            )
-
-    if template is not None:
-        check(template, f"{method} template")
-    if not isinstance(templates, Mapping):
-        raise ValueError(f"{method} templates must map task -> template, got {templates!r}")
-    for task, value in templates.items():
-        check(value, f"{method} templates[{task!r}]")
 
 
 def pick_template(method: str, template: str | None, templates: Mapping[str, str], task: str) -> str:

@@ -33,8 +33,6 @@ Deliberate changes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,42 +49,11 @@ from vlprompt.methods.common import (
     init_context,
     text_features_while_unchanged,
 )
-
-POSITIONS = ("end", "middle", "front")
-
-
-@dataclass
-class CoOpConfig:
-    """Options of CoOp (``TRAINER.COOP.*`` in the reference configs)."""
-
-    n_ctx: int = 16
-    """Number of learnable context tokens M (16 in ``vit_b16.yaml``); ignored with ``ctx_init``."""
-    ctx_init: str = ""
-    """Words to initialise the context from (``"a photo of a"`` in ``*_ctxv1`` configs); their
-    token count then sets M. Empty: random N(0, 0.02²) init."""
-    class_token_position: str = "end"
-    """Where the class name sits: ``end`` | ``middle`` | ``front``."""
-    csc: bool = False
-    """Class-specific context: one set of M vectors per class instead of one shared set."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
-            raise ValueError(f"coop n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"coop ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
-        if self.class_token_position not in POSITIONS:
-            raise ValueError(
-                f"coop class_token_position must be one of {POSITIONS}, got {self.class_token_position!r}"
-            )
-        if not isinstance(self.csc, bool):
-            raise ValueError(f"coop csc must be true or false, got {self.csc!r}")
+from vlprompt.methods.options import CoOpConfig
 
 
 class CoOp(nn.Module):
     """The learnable context ``ctx`` plus the fixed token embeddings around it."""
-
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(
         self,

@@ -32,8 +32,6 @@ Deliberate changes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,41 +51,7 @@ from vlprompt.methods.common import (
     text_deep_prompt_hook,
     vision_prompt_hooks,
 )
-
-
-def _is_count(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-@dataclass
-class IVLPConfig:
-    """Options of IVLP (``TRAINER.IVLP.*`` in the reference configs)."""
-
-    n_ctx_text: int = 2
-    """Text prompt tokens per prompted layer (``N_CTX_TEXT``)."""
-    n_ctx_vision: int = 2
-    """Visual prompt tokens per prompted layer (``N_CTX_VISION``); 0 (with ``depth_vision`` 0): none."""
-    depth_text: int = 12
-    """Text layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_TEXT``; >= 1, layer 0 is the context;
-    capped at the tower's blocks)."""
-    depth_vision: int = 12
-    """Image layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_VISION``; capped at the tower's
-    blocks); 0: no visual prompts."""
-    ctx_init: str = "a photo of a"
-    """Words for the layer-0 text context when ``n_ctx_text <= 4`` (their first ``n_ctx_text``
-    tokens are learned, the rest stay fixed words); empty or longer context: random init."""
-
-    def __post_init__(self) -> None:
-        for name, minimum in (("n_ctx_text", 1), ("depth_text", 1), ("n_ctx_vision", 0), ("depth_vision", 0)):
-            if not _is_count(getattr(self, name), minimum):
-                raise ValueError(f"ivlp {name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
-        if (self.n_ctx_vision == 0) != (self.depth_vision == 0):
-            raise ValueError(
-                "ivlp n_ctx_vision and depth_vision must both be 0 (no visual prompts) or both >= 1, "
-                f"got {self.n_ctx_vision} and {self.depth_vision}"
-            )
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"ivlp ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+from vlprompt.methods.options import IVLPConfig
 
 
 def capped_depth(depth: int, blocks: int) -> int:
@@ -97,9 +61,6 @@ def capped_depth(depth: int, blocks: int) -> int:
 
 class IVLP(nn.Module):
     """Layer-0 text context, deep text prompts and per-layer visual prompts."""
-
-    frozen_image_tower: ClassVar[bool] = False
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(
         self,

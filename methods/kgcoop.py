@@ -32,8 +32,6 @@ Deliberate changes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +42,6 @@ from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
     ClassPrompts,
     TaskClasses,
-    check_templates,
     class_prompts,
     cosine_logits,
     cross_entropy,
@@ -54,40 +51,11 @@ from vlprompt.methods.common import (
     template_sentences,
     text_features_while_unchanged,
 )
-
-
-@dataclass
-class KgCoOpConfig:
-    """Options of KgCoOp (``TRAINER.COOP.*`` in the reference configs)."""
-
-    n_ctx: int = 4
-    """Number of learnable context tokens M; ignored with ``ctx_init``."""
-    ctx_init: str = "a photo of a"
-    """Words to initialise the context from (the reference ``ctxv1`` config); their token count
-    then sets M. Empty: random N(0, 0.02²) init."""
-    lam: float = 8.0
-    """λ, weight of the knowledge term ``1 − mean cos(w, w^clip)`` (the reference's ``W``)."""
-    template: str | None = None
-    """One hand-crafted template for every task, e.g. ``"a photo of a {}."``; overrides ``templates``."""
-    templates: dict[str, str] = field(default_factory=dict)
-    """Task → hand-crafted template; filled by the orchestrator with each dataset's template."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
-            raise ValueError(f"kgcoop n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"kgcoop ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
-        if isinstance(self.lam, bool) or not isinstance(self.lam, int | float) or not self.lam >= 0:
-            raise ValueError(f"kgcoop lam must be a number >= 0, got {self.lam!r}")
-        self.lam = float(self.lam)
-        check_templates("kgcoop", self.template, self.templates)
+from vlprompt.methods.options import KgCoOpConfig
 
 
 class KgCoOp(nn.Module):
     """The context ``ctx``, the fixed token embeddings around it and the frozen targets."""
-
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(
         self,

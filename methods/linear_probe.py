@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,44 +45,7 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch, FeatureSet
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import TaskClasses, cross_entropy, hold_backbone, image_features
-
-#: CoOp ``lpclip/linear_probe.py`` ``search_list``: inverse L2 strengths, every two decades.
-COOP_C_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
-
-
-@dataclass
-class LinearProbeConfig:
-    """Options of the linear probe (CoOp ``lpclip/linear_probe.py`` arguments)."""
-
-    c_grid: list[float] = field(default_factory=lambda: list(COOP_C_GRID))
-    """Inverse L2 strengths C (scikit-learn's ``C``) tried first, in this order; the first with
-    the best val accuracy wins, so put weaker regularisation (larger C) first to break ties that way."""
-    search_steps: int = 8
-    """Rounds of CoOp's log10(C) bisection around the grid's best (``--num_step 8``); 0: the grid's best."""
-    max_iter: int = 1000
-    """L-BFGS iterations per fit (scikit-learn ``max_iter``, 1000 in CoOp and CLIP)."""
-    tol: float = 1e-4
-    """Stop a fit when every gradient entry is at most this (scikit-learn ``tol``)."""
-    normalize: bool = True
-    """L2-normalise features before the probe (the reference uses raw features)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.c_grid, (str, bytes)) or not isinstance(self.c_grid, Sequence) or not self.c_grid:
-            raise ValueError(f"linear_probe c_grid must be a non-empty list of C values, got {self.c_grid!r}")
-        try:
-            self.c_grid = [float(c) for c in self.c_grid]
-        except (TypeError, ValueError):
-            raise ValueError(f"linear_probe c_grid must hold numbers, got {self.c_grid!r}") from None
-        if not all(c > 0 and math.isfinite(c) for c in self.c_grid):
-            raise ValueError(f"linear_probe c_grid values must be positive and finite, got {self.c_grid}")
-        for name, low in (("search_steps", 0), ("max_iter", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"linear_probe {name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not self.tol > 0:
-            raise ValueError(f"linear_probe tol must be a positive number, got {self.tol!r}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"linear_probe normalize must be true or false, got {self.normalize!r}")
+from vlprompt.methods.options import LinearProbeConfig
 
 
 @dataclass(frozen=True)
@@ -163,9 +125,6 @@ def select_c(
 
 class LinearProbe(nn.Module):
     """One linear head per task on (normalised) frozen image features."""
-
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: Backbone, classes: TaskClasses, cfg: LinearProbeConfig) -> None:
         super().__init__()

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,35 +52,11 @@ from vlprompt.methods.common import (
     vision_prompt_hooks,
 )
 from vlprompt.methods.ivlp import capped_depth
-
-
-@dataclass
-class MaPLeConfig:
-    """Options of MaPLe (``TRAINER.MAPLE.*`` in the reference configs)."""
-
-    n_ctx: int = 2
-    """Prompt tokens per prompted layer, the same count in both towers (``N_CTX``)."""
-    prompt_depth: int = 9
-    """J: layers 0 .. J-1 of both towers get prompts (``PROMPT_DEPTH``; 9 base-to-novel, 3
-    cross-dataset); capped at the shallower tower's blocks."""
-    ctx_init: str = "a photo of a"
-    """Words for the layer-0 text context when ``n_ctx <= 4`` (first ``n_ctx`` tokens learned, the
-    rest kept as fixed words); empty or longer context: random N(0, 0.02²) init."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_ctx", "prompt_depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"maple {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"maple ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
+from vlprompt.methods.options import MaPLeConfig
 
 
 class MaPLe(nn.Module):
     """Text prompts of every prompted layer and the text → vision coupling projections."""
-
-    frozen_image_tower: ClassVar[bool] = False
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(
         self,

@@ -6,8 +6,9 @@ formulas below only propose a candidate.
 
 Matching rule (a bias vector costs its tower's width, 512 text / 768 vision on ViT-B/16):
 
-1. **One bias vector per prompt vector, at the prompt's (layer, token slot)** where the prompt
-   configuration is made of per-layer prompt tokens:
+1. **One bias vector per prompt vector, at the prompt's (layer, token slot)** where the method
+   declares that its parameters are per-layer prompt tokens (the ``prompt_tokens`` capability,
+   read from its options):
 
    * IVLP (``n_ctx_text`` × ``depth_text``, ``n_ctx_vision`` × ``depth_vision``): text biases in
      blocks ``0 .. depth_text-1`` with ``slots = n_ctx_text``, vision biases in blocks
@@ -31,10 +32,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlprompt.methods import build_method, capabilities, method_config
 from vlprompt.methods.base import count_trainable
-from vlprompt.methods.bias_tuning import BiasTuningConfig, tower_positions
-from vlprompt.methods.bias_tuning import build as build_bias_tuning
 from vlprompt.methods.clip import Backbone
+from vlprompt.methods.options import BiasTuningConfig
 
 #: Classes the methods are built for when counting (counts do not depend on them, except csc CoOp).
 COUNT_TASKS: Mapping[str, Sequence[str]] = {"count": ("cat", "dog")}
@@ -67,10 +68,8 @@ def count_pair(
     tasks: Mapping[str, Sequence[str]] = COUNT_TASKS,
 ) -> tuple[int, int]:
     """Trainable parameters of the built prompt method and of the built bias-tuning method."""
-    from vlprompt.methods import build_method  # the registry imports this module's neighbours
-
     prompt = count_trainable(build_method(method, backbone, tasks, dict(options)))
-    return prompt, count_trainable(build_bias_tuning(backbone, tasks, bias))
+    return prompt, count_trainable(build_method("bias_tuning", backbone, tasks, bias))
 
 
 def _config(layers: dict[str, int], slots: dict[str, int], site: str) -> BiasTuningConfig:
@@ -88,29 +87,30 @@ def _config(layers: dict[str, int], slots: dict[str, int], site: str) -> BiasTun
 def _structured(
     backbone: Backbone, method: str, options: Mapping[str, Any], target: int
 ) -> BiasTuningConfig | None:
-    """Rule 1: one bias per prompt vector at the prompt's (layer, slot), where that applies."""
-    from vlprompt.methods import method_config
-
-    cfg = method_config(method, options)
-    if method == "ivlp":
-        layers = {"text": min(cfg.depth_text, backbone.text_layers)}
-        slots = {"text": cfg.n_ctx_text}
-        if cfg.depth_vision:
-            layers["vision"] = min(cfg.depth_vision, backbone.vision_layers)
-            slots["vision"] = cfg.n_ctx_vision
-        return _config(layers, slots, "attn")
-    if method == "coop" and not cfg.csc:
-        n_tokens, rest = divmod(target, backbone.text_width)
-        if rest == 0 and 1 <= n_tokens <= tower_positions(backbone, "text"):
-            return _config({"text": 1}, {"text": n_tokens}, "attn")
-    return None
+    """Rule 1: one bias per prompt vector at the prompt's (layer, slot), for methods that declare
+    where their prompt tokens sit (the ``prompt_tokens`` capability)."""
+    where = capabilities(method).prompt_tokens
+    layout = where(method_config(method, options)) if where else None
+    if layout is None:
+        return None
+    layers: dict[str, int] = {}
+    slots: dict[str, int] = {}
+    for tower, (depth, tokens) in layout.towers.items():
+        blocks = backbone.text_layers if tower == "text" else backbone.vision_layers
+        width = backbone.text_width if tower == "text" else backbone.vision_width
+        if tokens is None:  # one block of as many tokens as the parameters make (CoOp's context)
+            tokens, rest = divmod(target, width)
+            if rest or not 1 <= tokens <= backbone.token_positions(tower):
+                return None
+        layers[tower], slots[tower] = min(depth, blocks), tokens
+    return _config(layers, slots, "attn")
 
 
 def _search(backbone: Backbone, target: int) -> BiasTuningConfig:
     """Rule 2: the largest count <= target over depths, one site and per-tower slots."""
     width = {"text": backbone.text_width, "vision": backbone.vision_width}
     blocks = {"text": backbone.text_layers, "vision": backbone.vision_layers}
-    positions = {t: tower_positions(backbone, t) for t in width}
+    positions = {t: backbone.token_positions(t) for t in width}
     best: tuple[tuple[int, ...], BiasTuningConfig] | None = None
     for n_sites, site in ((1, "attn"), (2, "both")):
         for depth_t in range(blocks["text"] + 1):
@@ -143,8 +143,6 @@ def match_bias_tuning(
 ) -> Match:
     """The bias-tuning configuration matching ``method`` (``ivlp``, ``maple``, ``coop``, ...) built
     with ``options`` on ``backbone``: exactly as many trainable parameters, or the closest below."""
-    from vlprompt.methods import build_method
-
     target = count_trainable(build_method(method, backbone, tasks, dict(options)))
     if target < min(backbone.text_width, backbone.vision_width):
         raise ValueError(f"{method} has {target} trainable parameters, fewer than one bias vector")

@@ -29,10 +29,10 @@ Deliberate changes:
   ``teacher_pretrained`` with ``teacher_options`` and optionally the ``learned_state.pt`` of a
   vlprompt run in ``teacher_state``) instead of the reference's PromptSRC ViT-L/14 checkpoint
   (``teacher_model/<Dataset>/VLPromptLearner/model-best.pth.tar``); a PromptSRC-like teacher is an
-  ``ivlp`` teacher with 4+4 tokens, depth 9/9. Supported teachers are those with a fixed text
-  classifier: methods with ``text_features(task)`` (``coop``, ``kgcoop``, ``ivlp``, ``maple``,
-  ``bias_tuning``, ``softcpt``) and ``zeroshot`` (its ``text_features`` buffer). Image-conditioned
-  (``cocoop``), classifier-free (``linear_probe``) and test-time (``tpt``) methods are refused.
+  ``ivlp`` teacher with 4+4 tokens, depth 9/9. Supported teachers are the methods that declare a
+  fixed text classifier (the ``text_classifier`` capability: zero-shot, CoOp, KgCoOp, IVLP, MaPLe,
+  bias tuning, SoftCPT); image-conditioned (CoCoOp), classifier-free (linear probe) and test-time
+  (TPT) methods are refused when the options are checked.
 * the teacher's text features are computed once at build time and cached (the paper "pre-stores"
   them; the reference code recomputes them each step under ``no_grad`` -- identical, as the
   teacher is frozen). Teacher logits come from the teacher method's own ``predict``.
@@ -45,21 +45,18 @@ Deliberate changes:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlprompt.methods.base import Batch
+from vlprompt.methods import build_method
+from vlprompt.methods.base import Batch, TextClassifier
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.methods.common import (
     TaskClasses,
-    check_templates,
     hold_backbone,
     normal_prompts,
     read_saved_state,
@@ -67,85 +64,7 @@ from vlprompt.methods.common import (
     vision_prompt_hooks,
 )
 from vlprompt.methods.ivlp import capped_depth
-
-#: Teacher methods refused, with the reason (everything else needs a fixed text classifier).
-UNSUPPORTED_TEACHERS: dict[str, str] = {
-    "promptkd": "a PromptKD student has no text encoder of its own",
-    "cocoop": "its text features depend on each image",
-    "linear_probe": "it has no text classifier",
-    "tpt": "it adapts its prompt to each test image",
-}
-
-
-@dataclass
-class PromptKDConfig:
-    """Options of PromptKD (``TRAINER.PROMPTKD.*`` in the reference configs, plus the teacher)."""
-
-    teacher_model: str = "ViT-L-14"
-    """open_clip architecture of the teacher (the reference: ViT-L/14)."""
-    teacher_pretrained: str | None = "openai"
-    """Teacher weights: an open_clip tag, a checkpoint path, ``"bundled"`` or null (random init)."""
-    teacher_method: str = "zeroshot"
-    """The vlprompt method the teacher runs (the reference: PromptSRC, i.e. ``ivlp`` 4+4 depth 9)."""
-    teacher_options: dict[str, Any] = field(default_factory=dict)
-    """Options of ``teacher_method``, validated like a method section."""
-    teacher_state: str = ""
-    """Path to the ``learned_state.pt`` of a vlprompt run of ``teacher_method``; empty: none."""
-    templates: dict[str, str] = field(default_factory=dict)
-    """Task → hand-crafted template, filled by the orchestrator; passed on to the teacher."""
-    n_ctx_vision: int = 4
-    """Student visual prompt tokens per prompted layer (``N_CTX_VISION``)."""
-    depth_vision: int = 9
-    """Student image layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_VISION``; 3 cross-dataset)."""
-    kd_weight: float = 1000.0
-    """Weight of the KL term (``KD_WEIGHT``; the reference uses 200 for FGVCAircraft, Flowers, DTD)."""
-    temperature: float = 1.0
-    """Distillation temperature τ (``TEMPERATURE``)."""
-
-    def __post_init__(self) -> None:
-        from vlprompt.methods import method_config  # the registry imports this module
-
-        for name in ("n_ctx_vision", "depth_vision"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"promptkd {name} must be an integer >= 1, got {value!r}")
-        for name in ("kd_weight", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"promptkd {name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.temperature <= 0 or self.kd_weight < 0:
-            raise ValueError(
-                "promptkd needs temperature > 0 and kd_weight >= 0, "
-                f"got {self.temperature} and {self.kd_weight}"
-            )
-        if not isinstance(self.teacher_model, str) or not self.teacher_model:
-            raise ValueError(
-                f"promptkd teacher_model must be an open_clip model name, got {self.teacher_model!r}"
-            )
-        if self.teacher_pretrained is not None and not isinstance(self.teacher_pretrained, str):
-            raise ValueError(
-                "promptkd teacher_pretrained must be a tag, a path, 'bundled' or null, "
-                f"got {self.teacher_pretrained!r}"
-            )
-        if not isinstance(self.teacher_state, str):
-            raise ValueError(
-                f"promptkd teacher_state must be a path string ('' for none), got {self.teacher_state!r}"
-            )
-        if not isinstance(self.teacher_options, Mapping):
-            raise ValueError(f"promptkd teacher_options must be a mapping, got {self.teacher_options!r}")
-        self.teacher_options = dict(self.teacher_options)
-        check_templates("promptkd", None, self.templates)
-        if self.teacher_method in UNSUPPORTED_TEACHERS:
-            raise ValueError(
-                f"promptkd teacher_method {self.teacher_method!r} is not supported: "
-                f"{UNSUPPORTED_TEACHERS[self.teacher_method]}; a teacher needs a fixed text classifier "
-                "(zeroshot, coop, kgcoop, ivlp, maple, bias_tuning, softcpt)"
-            )
-        try:
-            method_config(self.teacher_method, self.teacher_options)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"promptkd teacher ({self.teacher_method}): {err}") from err
+from vlprompt.methods.options import PromptKDConfig
 
 
 # ---------------------------------------------------------------- the objective
@@ -182,25 +101,16 @@ class Projector(nn.Module):
         return self.conv1(x[:, :, None, None]).flatten(1)
 
 
-def teacher_text_features(teacher: nn.Module, classes: TaskClasses, method: str) -> Tensor:
+def teacher_text_features(teacher: TextClassifier, classes: TaskClasses, method: str) -> Tensor:
     """L2-normalised text features ``(C, D_t)`` of every class of every task, under no grad.
 
-    ``text_features(task)`` for the prompt-learning methods; the ``text_features`` buffer
-    (one row per class, :class:`TaskClasses` order) for ``zeroshot``.
+    The teacher is a method with the ``text_classifier`` capability (checked when the options are),
+    so its ``text_features(task)`` are its fixed classifier.
     """
-    encode = getattr(teacher, "text_features", None)
+    if not isinstance(teacher, TextClassifier):
+        raise TypeError(f"promptkd: teacher method {method!r} has no text_features(task)")
     with torch.no_grad():
-        if callable(encode) and not getattr(teacher, "test_time_views", 0):
-            rows = [encode(task) for task in classes.spans]
-            features = torch.cat(rows)
-        elif isinstance(encode, Tensor):
-            features = encode
-        else:
-            raise ValueError(
-                f"promptkd: teacher method {method!r} has no fixed text classifier (neither "
-                "text_features(task) nor a text_features buffer); use zeroshot, coop, kgcoop, ivlp, "
-                "maple, bias_tuning or softcpt"
-            )
+        features = torch.cat([teacher.text_features(task) for task in classes.spans])
     if features.shape[0] != len(classes.names):
         raise ValueError(
             f"promptkd: teacher {method!r} gave {features.shape[0]} text features "
@@ -230,9 +140,6 @@ def load_teacher_state(teacher: nn.Module, path: str, method: str) -> None:
 
 class PromptKD(nn.Module):
     """Student visual prompts and projector; holds (does not own) the frozen teacher."""
-
-    frozen_image_tower: ClassVar[bool] = False
-    token_space_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -296,8 +203,6 @@ def build_teacher(
     backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptKDConfig
 ) -> tuple[nn.Module, Tensor]:
     """Load the teacher CLIP, build ``teacher_method`` on it, freeze it; its cached classifier."""
-    from vlprompt.methods import build_method  # the registry imports this module
-
     teacher_backbone = load_backbone(cfg.teacher_model, cfg.teacher_pretrained, device=backbone.device)
     for fact in ("image_size", "image_mean", "image_std"):
         if getattr(teacher_backbone, fact) != getattr(backbone, fact):

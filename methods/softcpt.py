@@ -60,8 +60,6 @@ Deliberate changes:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -81,42 +79,7 @@ from vlprompt.methods.common import (
     sentence_prompts,
     text_features_while_unchanged,
 )
-
-
-@dataclass
-class SoftCPTConfig:
-    """Options of SoftCPT-NATA (``TRAINER.MTCOOP.*`` in the reference configs)."""
-
-    n_ctx: int = 16
-    """Context length M of the class prompts, generated per task (``N_CTX``)."""
-    task_n_ctx: int = 4
-    """Learnable task-context vectors shared by all tasks (``TASK_N_CTX``); ignored with
-    ``task_ctx_init``."""
-    task_ctx_init: str = ""
-    """Words to initialise the task context from (``TASK_CTX_INIT``; their token count then sets
-    ``task_n_ctx``). Empty (the reference default): random N(0, 0.02²) init."""
-    task_names: dict[str, str] = field(default_factory=dict)
-    """Task key → natural-language task name for the task prompt. Tasks not listed use their
-    key: the part after the last ``"/"``, ``"_"`` → ``" "`` (``"fashion20/sleeve_length"`` →
-    ``"sleeve length"``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_ctx", "task_n_ctx"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"softcpt {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.task_ctx_init, str):
-            raise ValueError(
-                f"softcpt task_ctx_init must be a string ('' for random init), got {self.task_ctx_init!r}"
-            )
-        if not isinstance(self.task_names, Mapping):
-            raise ValueError(f"softcpt task_names must map task -> task name, got {self.task_names!r}")
-        for task, name in self.task_names.items():
-            if not isinstance(task, str) or not isinstance(name, str) or not clean_classname(name).strip():
-                raise ValueError(
-                    f"softcpt task_names[{task!r}] must be a non-empty string (the task's name), got {name!r}"
-                )
-        self.task_names = dict(self.task_names)
+from vlprompt.methods.options import SoftCPTConfig
 
 
 def task_name(task: str, task_names: Mapping[str, str]) -> str:
@@ -142,9 +105,6 @@ def task_prompts(backbone: Backbone, names: Sequence[str], prompt_prefix: str, n
 class SoftCPT(nn.Module):
     """The shared task context ``task_ctx`` and the generator ``proj``, plus the fixed token
     embeddings of the task prompts and the class prompts."""
-
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ("task_ctx",)
 
     def __init__(
         self,

@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -60,66 +58,10 @@ from vlprompt.methods import coop
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, hold_backbone, image_features, read_saved_state
-
-
-@dataclass
-class TPTConfig:
-    """Options of TPT (the reference's command-line arguments)."""
-
-    n_views: int = 63
-    """Augmented views per test image (``--batch-size`` 64 = the original + 63 views)."""
-    selection_p: float = 0.1
-    """Fraction ρ of the ``1 + n_views`` images kept by confidence selection (``--selection_p``)."""
-    lr: float = 5e-3
-    """AdamW learning rate for the per-image tuning (``--lr``)."""
-    steps: int = 1
-    """Tuning steps per test image (``--tta_steps``); 0: no tuning."""
-    ctx_init: str = "a photo of a"
-    """Words to initialise the context from (``--ctx_init a_photo_of_a``); their token count is M.
-    Empty: random N(0, 0.02²) init of ``n_ctx`` vectors."""
-    n_ctx: int = 4
-    """Number of context tokens M when ``ctx_init`` is empty (``--n_ctx``)."""
-    init_state: str = ""
-    """TPT+CoOp: path to a trained CoOp run's ``learned_state.pt`` (or a CoOp checkpoint) whose
-    ``ctx`` replaces the initial context; its shape must match."""
-    augmix: bool = False
-    """AugMix the views (the reference does for the fine-grained cross-dataset sets, not for the
-    ImageNet variants); read by the test-time protocol as the method's ``augmix`` attribute."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_views", "steps", "n_ctx"):
-            value = getattr(self, name)
-            lowest = 0 if name == "steps" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise ValueError(f"tpt {name} must be an integer >= {lowest}, got {value!r}")
-        for name in ("selection_p", "lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"tpt {name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
-        if not 0.0 < self.selection_p <= 1.0:
-            raise ValueError(f"tpt selection_p must be in (0, 1], got {self.selection_p}")
-        if n_selected(1 + self.n_views, self.selection_p) < 1:
-            raise ValueError(
-                f"tpt selection_p={self.selection_p} keeps int({1 + self.n_views} x {self.selection_p}) = 0 "
-                f"of the original + n_views={self.n_views} images; raise selection_p or n_views"
-            )
-        if self.lr < 0:
-            raise ValueError(f"tpt lr must be >= 0, got {self.lr}")
-        if not isinstance(self.ctx_init, str):
-            raise ValueError(f"tpt ctx_init must be a string ('' for random init), got {self.ctx_init!r}")
-        if not isinstance(self.init_state, str):
-            raise ValueError(f"tpt init_state must be a path string ('' for none), got {self.init_state!r}")
-        if not isinstance(self.augmix, bool):
-            raise ValueError(f"tpt augmix must be true or false, got {self.augmix!r}")
+from vlprompt.methods.options import TPTConfig, n_selected
 
 
 # ---------------------------------------------------------------- the objective
-def n_selected(n_images: int, selection_p: float) -> int:
-    """How many of ``n_images`` confidence selection keeps: ``int(n · ρ)``, as the reference counts."""
-    return int(n_images * selection_p)
-
-
 def select_confident(logits: Tensor, selection_p: float) -> Tensor:
     """Indices of the ``int(N · ρ)`` rows of ``logits`` ``(N, C)`` whose softmax has the lowest
     entropy, most confident first (``select_confident_samples``)."""
@@ -144,9 +86,6 @@ def average_entropy(logits: Tensor) -> Tensor:
 class TPT(nn.Module):
     """A CoOp context, tuned afresh on every test image's views inside :meth:`predict`."""
 
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ("ctx",)
-
     def __init__(self, prompt: coop.CoOp, cfg: TPTConfig) -> None:
         super().__init__()
         hold_backbone(self, prompt.backbone)
@@ -155,10 +94,6 @@ class TPT(nn.Module):
         self.selection_p = cfg.selection_p
         self.lr = cfg.lr
         self.steps = cfg.steps
-        #: Views per test sample the test-time protocol puts in ``Batch.views``.
-        self.test_time_views = cfg.n_views
-        #: Whether those views should be AugMix'ed (``datasets.views.test_time_views(augmix=...)``).
-        self.augmix = cfg.augmix
 
     def _prompt(self) -> coop.CoOp:
         """The held CoOp, reading this module's ``ctx`` (re-linked if the Parameter was replaced)."""

@@ -23,8 +23,6 @@ dataset but ImageNet (there the reference uses the 7 alone: choose ``imagenet7``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,57 +33,36 @@ from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
     TaskClasses,
-    check_templates,
     cosine_logits,
     hold_backbone,
     image_features,
     template_sentences,
 )
+from vlprompt.methods.options import ZeroShotConfig
 
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "imagenet7": tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES),
 }
-"""Template ensembles by name, as sentences with one ``{}`` for the class name."""
-
-
-@dataclass
-class ZeroShotConfig:
-    """Options of the zero-shot baseline."""
-
-    template: str | None = None
-    """One template for every task, e.g. ``"a photo of a {}."``; overrides ``templates``."""
-    templates: dict[str, str] = field(default_factory=dict)
-    """Task → template; filled by the orchestrator with each dataset's hand-crafted template."""
-    ensemble: str = ""
-    """Average the prompts of an ensemble instead of one template: ``imagenet80``,
-    ``imagenet7``, or either with ``+dataset`` (plus each task's own template). Empty: none."""
-
-    def __post_init__(self) -> None:
-        check_templates("zeroshot", self.template, self.templates)
-        base, _, extra = self.ensemble.partition("+")
-        if self.ensemble and (base not in ENSEMBLES or extra not in ("", "dataset")):
-            raise ValueError(
-                f"zeroshot ensemble must be one of {', '.join(ENSEMBLES)} (optionally with "
-                f"'+dataset'), or empty; got {self.ensemble!r}"
-            )
+"""Template ensembles by name (``options.ENSEMBLE_NAMES``), sentences with one ``{}`` for the class."""
 
 
 class ZeroShotCLIP(nn.Module):
     """Fixed text classifier per task; no trainable parameters."""
 
-    frozen_image_tower: ClassVar[bool] = True
-    token_space_keys: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, backbone: Backbone, classes: TaskClasses, text_features: Tensor) -> None:
+    def __init__(self, backbone: Backbone, classes: TaskClasses, classifier: Tensor) -> None:
         super().__init__()
         hold_backbone(self, backbone)
         self.classes = classes
-        self.register_buffer("text_features", text_features, persistent=False)
+        self.register_buffer("classifier", classifier, persistent=False)  # (C_all, D) text features
+
+    def text_features(self, task: str) -> Tensor:
+        """The class weights ``(n_cls, D)`` of ``task`` (``TextClassifier``)."""
+        return self.classifier[self.classes.rows(task)]
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        text = self.text_features[self.classes.rows(batch.task)]
+        text = self.text_features(batch.task)
         return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
 
     def training_loss(self, batch: Batch) -> Tensor:

@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vlprompt import datasets as vds
-from vlprompt.methods import build_method
+from vlprompt.methods import build_method, capabilities, method_config
 from vlprompt.methods.base import Batch, FeatureSet, FitsFeatures, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
@@ -498,9 +498,10 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     params = trainable_parameters(method)
     _broadcast_parameters(params, ctx)
     n_trainable = count_trainable(method)
-    frozen_images = bool(getattr(method, "frozen_image_tower", False))
-    views_per_sample = int(getattr(method, "test_time_views", 0) or 0)
-    adapts = test_time and views_per_sample > 0
+    caps = capabilities(method_name)
+    frozen_images = caps.frozen_image_tower
+    wanted = caps.test_time_views(method_config(method_name, options)) if caps.test_time_views else None
+    adapts = test_time and wanted is not None
     if test_time and params and not adapts:
         raise ValueError(
             f"data.protocol=test_time trains nothing, and {method_name} has {n_trainable} trainable "
@@ -526,8 +527,8 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
             backbone.image_size,
             backbone.image_mean,
             backbone.image_std,
-            views_per_sample,
-            augmix=bool(getattr(method, "augmix", False)),
+            wanted.n_views,
+            augmix=wanted.augmix,
         )
         if adapts
         else None
@@ -675,7 +676,7 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     learned = {k: v.detach().cpu() for k, v in method.learned_state().items()}
     if log:
         tracking.log_metrics(uri, run_id, metrics, step=cfg.train.epochs)
-        _log_learned(uri, run_id, learned, backbone, getattr(method, "token_space_keys", ()))
+        _log_learned(uri, run_id, learned, backbone, caps.token_space_keys)
     if report is not None:
         with tempfile.TemporaryDirectory() as tmp:
             if ctx.is_main:

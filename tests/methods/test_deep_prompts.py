@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from vlprompt.methods import build_method
+from vlprompt.methods import build_method, capabilities
 from vlprompt.methods.base import Batch, count_trainable
 from vlprompt.methods.clip import Backbone, BlockHooks, load_backbone
 from vlprompt.methods.common import text_deep_prompt_hook, vision_prompt_hooks
@@ -237,7 +237,7 @@ def test_training_overfits_and_leaves_the_backbone_alone(
 @pytest.mark.parametrize("name", ["ivlp", "maple"])
 def test_cached_features_are_refused(tiny: Backbone, name: str) -> None:
     method = build_method(name, tiny, {"t": CLASSES}, {})
-    assert method.frozen_image_tower is False
+    assert capabilities(name).frozen_image_tower is False
     with pytest.raises(ValueError, match="cached image features cannot be used"):
         method.predict(Batch("t", features=torch.randn(2, 64)))
     with pytest.raises(ValueError, match="labels"):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlprompt.methods import build_method
+from vlprompt.methods import build_method, method_config
 from vlprompt.methods.base import Batch, count_trainable
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.promptkd import PromptKD, PromptKDConfig, kd_loss
@@ -69,7 +69,9 @@ def test_training_loss_is_kd_weight_times_kl_of_student_and_teacher(
 def test_classifier_rows_are_the_teachers_normalised_text_features(student: PromptKD, tiny: Backbone) -> None:
     teacher = student.teacher
     assert student.classifier.shape == (4, 128) and teacher.backbone.embed_dim == 128
-    torch.testing.assert_close(student.classifier, F.normalize(teacher.text_features, dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        student.classifier, F.normalize(teacher.text_features("t"), dim=-1), rtol=0, atol=0
+    )
     ivlp = build(tiny, teacher_method="ivlp", teacher_options={"n_ctx_text": 2, "n_ctx_vision": 2})
     with torch.no_grad():
         expected = F.normalize(ivlp.teacher.text_features("t"), dim=-1)
@@ -168,14 +170,14 @@ def test_teacher_state_is_loaded_and_bad_files_are_named(tiny: Backbone, tmp_pat
 @pytest.mark.parametrize("teacher", ["cocoop", "linear_probe", "tpt", "promptkd"])
 def test_unsupported_teacher_methods_are_refused(teacher: str) -> None:
     with pytest.raises(ValueError, match=f"teacher_method '{teacher}' is not supported"):
-        PromptKDConfig(teacher_method=teacher)
+        method_config("promptkd", {"teacher_method": teacher})
 
 
 def test_config_checks() -> None:
     with pytest.raises(ValueError, match="unknown method"):
-        PromptKDConfig(teacher_method="zeroshoot")
+        method_config("promptkd", {"teacher_method": "zeroshoot"})
     with pytest.raises(ValueError, match="unknown option 'n_ctxx'"):
-        PromptKDConfig(teacher_method="coop", teacher_options={"n_ctxx": 4})
+        method_config("promptkd", {"teacher_method": "coop", "teacher_options": {"n_ctxx": 4}})
     for bad in ({"n_ctx_vision": 0}, {"depth_vision": 0}, {"temperature": 0.0}, {"kd_weight": float("nan")}):
         with pytest.raises(ValueError, match="promptkd"):
             PromptKDConfig(**bad)

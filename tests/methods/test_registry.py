@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from vlprompt.methods import METHODS, build_method, get_method, method_config, method_option_names
+from vlprompt.methods import METHODS, build_method, get_method, method_config, method_option_names, pretrained
 from vlprompt.methods.base import Method
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.coop import CoOpConfig
@@ -16,7 +20,7 @@ OFFLINE_OPTIONS = {"promptkd": {"teacher_model": "vlp-small", "teacher_pretraine
 def test_registry_names() -> None:
     assert {"ivlp", "maple", "bias_tuning"} <= set(METHODS)
     assert {"cocoop", "coop", "kgcoop", "zeroshot"} <= set(METHODS)
-    assert get_method("coop").config is CoOpConfig
+    assert get_method("coop").options is CoOpConfig
     assert method_option_names("coop") == ("n_ctx", "ctx_init", "class_token_position", "csc")
     assert method_option_names("zeroshot") == ("template", "templates", "ensemble")
 
@@ -48,6 +52,48 @@ def test_every_method_builds_and_follows_the_protocol(tiny: Backbone, name: str)
     options = OFFLINE_OPTIONS.get(name, {})
     method = build_method(name, tiny, {"t": ["cat", "dog"]}, options, templates={"t": "a photo of a {}."})
     assert isinstance(method, Method)
-    assert method.frozen_image_tower is (name not in {"ivlp", "maple", "bias_tuning", "promptkd"})
+    assert get_method(name).capabilities.frozen_image_tower is (
+        name not in {"ivlp", "maple", "bias_tuning", "promptkd"}
+    )
     assert not any(p is q for p in method.parameters() for q in tiny.parameters())  # backbone not owned
     assert set(method.learned_state()) <= set(method.state_dict())
+
+
+def test_the_registry_options_and_model_names_import_without_torch() -> None:
+    """The experiment driver validates configs against these before torch is worth importing."""
+    code = (
+        "import sys; import vlprompt.methods, vlprompt.methods.options, vlprompt.methods.pretrained; "
+        "heavy = [m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ.copy())
+
+
+def test_model_names_are_what_open_clip_lists() -> None:
+    import open_clip
+
+    from vlprompt.methods import clip  # noqa: F401 - registers vlprompt's model configs
+
+    assert set(pretrained.model_names()) == set(open_clip.list_models())
+    assert {"ViT-B-16", "vlp-tiny", "vlp-small"} <= set(pretrained.model_names())
+    assert pretrained.bundled_models() == ("vlp-small",)
+
+
+@pytest.mark.parametrize(
+    ("value", "is_path"),
+    [
+        ("openai", False),
+        ("bundled", False),
+        (None, False),
+        ("laion2b_s34b_b88k", False),
+        ("weights.ckpt", True),
+        ("ViT-B-16.pt", True),
+        ("model.SAFETENSORS", True),
+        ("./openai", True),
+        ("~/models/clip.bin", True),
+        ("/abs/clip", True),
+        ("sub/dir/clip", True),
+    ],
+)
+def test_one_checkpoint_path_rule(value: str | None, is_path: bool) -> None:
+    assert pretrained.is_checkpoint_path(value) is is_path

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from vlprompt.methods import METHODS, build_method
+from vlprompt.methods import METHODS, build_method, capabilities
 from vlprompt.methods.base import Batch, Method, count_trainable
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.coop import CoOp
+from vlprompt.methods.options import TestTimeViews
 from vlprompt.methods.tpt import TPT, TPTConfig, average_entropy, select_confident
 
 CLASSES = ["golden_retriever", "airplane", "sea lion", "annual crop land", "x"]
@@ -141,9 +142,10 @@ def test_state_is_a_coop_checkpoint_and_trains_like_coop(tiny: Backbone, images:
     assert [name for name, _ in method.named_parameters()] == ["ctx"]
     assert set(method.state_dict()) == set(method.learned_state()) == {"ctx"}
     assert count_trainable(method) == 4 * tiny.text_width
-    assert method.test_time_views == V and method.augmix is False
-    assert tpt(tiny, augmix=True).augmix is True
-    assert method.frozen_image_tower and method.token_space_keys == ("ctx",)
+    caps = capabilities("tpt")
+    assert caps.test_time_views(TPTConfig(n_views=V, selection_p=0.25)) == TestTimeViews(V, augmix=False)
+    assert caps.test_time_views(TPTConfig(augmix=True)).augmix is True
+    assert caps.frozen_image_tower and caps.token_space_keys == ("ctx",) and not caps.learns
     coop = build_method("coop", tiny, {"t": ["cat", "dog", "car", "tree"]}, {"ctx_init": "a photo of a"})
     batch = Batch("t", images=images[:4], labels=torch.arange(4))
     torch.testing.assert_close(method.training_loss(batch), coop.training_loss(batch), rtol=0, atol=1e-6)
@@ -215,7 +217,7 @@ def test_config_checks(options: dict, field: str) -> None:
 
 def test_registered_with_the_reference_defaults() -> None:
     spec = METHODS["tpt"]
-    assert spec.config is TPTConfig and spec.summary.startswith("TPT")
+    assert spec.options is TPTConfig and spec.summary.startswith("TPT")
     cfg = TPTConfig()
     assert (cfg.n_views, cfg.selection_p, cfg.lr, cfg.steps) == (63, 0.1, 5e-3, 1)
     assert (cfg.ctx_init, cfg.n_ctx, cfg.init_state, cfg.augmix) == ("a photo of a", 4, "", False)
