@@ -86,6 +86,12 @@ class CatalogEntry:
         return self.real_num_classes or len(self.class_folders)
 
     @property
+    def procedural(self) -> bool:
+        """Whether the dataset is procedural by nature (``synthetic``, the small world): generating
+        it is the only way to have it, not a stand-in for a real download."""
+        return bool(self.world) or self.name == "synthetic"
+
+    @property
     def multitask(self) -> bool:
         """Whether the folder holds several classification tasks (read with ``load_tasks``)."""
         return self.reader in MULTITASK_READERS

@@ -5,8 +5,10 @@
     RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token \\
         ray job submit --working-dir . -- python experiments/benchmark.py --config quickstart
 
-Overrides are OmegaConf dotlist entries (``section.key=value``); every key is checked
-against the schema in ``vlprompt.orchestrator.config`` before anything starts.
+Overrides are OmegaConf dotlist entries (``section.key=value``). Every key and value, every
+point of the search space and every dataset the sweep reads is checked before Ray starts; a
+problem is one line on stderr naming the key or file and the fix, and exit status 2. Ray,
+MLflow and torch are imported only once the config is known to be good.
 """
 
 from __future__ import annotations
@@ -17,11 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-
-from vlprompt.orchestrator import results
 from vlprompt.orchestrator.config import ConfigError, load_config
-from vlprompt.orchestrator.sweep import run_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +54,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
+    import ray
+
+    from vlprompt.orchestrator import results
+    from vlprompt.orchestrator.sweep import run_sweep
+
     started = time.perf_counter()
-    outcome = run_sweep(cfg, resume=args.resume)
+    try:
+        outcome = run_sweep(cfg, resume=args.resume)
+    except ConfigError as err:  # the data checks that run before Ray starts
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
     table = results.summarise(outcome.rows)
     print()

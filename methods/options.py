@@ -17,7 +17,7 @@ A field says what it accepts in two places: its type annotation (checked by
   method (``build_method(..., templates=...)``) when the user left it empty;
 * ``method_with``: the name of another registered method, which must declare that capability
   (PromptKD's teacher needs a ``text_classifier``); ``options_of``: that method's options, checked
-  as its own.
+  as its own; ``model_name``: an open_clip architecture name (checked against the model configs).
 
 ``__post_init__`` calls :func:`check_fields` and then keeps only the rules that tie fields
 together (IVLP's visual prompts on or off in both counts, TPT's selection keeping an image).
@@ -48,6 +48,7 @@ def option(
     fill: str | None = None,
     method_with: str | None = None,
     options_of: str | None = None,
+    model_name: bool = False,
 ) -> Any:
     """A dataclass field with the value rules this module's docstring lists."""
     rules = {
@@ -59,6 +60,7 @@ def option(
         "fill": fill,
         "method_with": method_with,
         "options_of": options_of,
+        "model_name": model_name or None,
     }
     metadata = {k: v for k, v in rules.items() if v is not None}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -469,7 +471,7 @@ class SoftCPTConfig:
 class PromptKDConfig:
     """Options of PromptKD (``TRAINER.PROMPTKD.*`` in the reference configs, plus the teacher)."""
 
-    teacher_model: str = "ViT-L-14"
+    teacher_model: str = option("ViT-L-14", model_name=True)
     """open_clip architecture of the teacher (the reference: ViT-L/14)."""
     teacher_pretrained: str | None = option("openai", path="weights")
     """Teacher weights: an open_clip tag, a checkpoint path, ``"bundled"`` or null (random init)."""

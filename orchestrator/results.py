@@ -1,4 +1,9 @@
-"""Results tables: trials grouped by (method, options, dataset, protocol, shots), mean ± std over seeds."""
+"""Results tables: trials grouped by (method, options, dataset, data, protocol, shots), mean ± std over seeds.
+
+``data`` says whether the images were ``real`` or ``generated`` (procedural data or stand-ins
+written by ``vlprompt.datasets.generate``), so a table never passes generated numbers off as a
+benchmark's.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ METRIC_COLUMNS = (
     "time_train_s",
 )
 _TABLE_METRICS = ("test_acc", "base_acc", "novel_acc", "hm", "target_acc_mean")
-_KEYS = ("method", "options", "dataset", "protocol", "shots")
+_KEYS = ("method", "options", "dataset", "data", "protocol", "shots")
 
 
 def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -62,7 +67,7 @@ def _cell(value: Any) -> str:
 
 
 def _columns(table: Sequence[Mapping[str, Any]]) -> list[str]:
-    base = ["method", "options", "dataset", "protocol", "shots", "seeds"]
+    base = ["method", "options", "dataset", "data", "protocol", "shots", "seeds"]
     present = [m for m in _TABLE_METRICS if any(m in line for line in table)]
     return base + present + (["trainable_params"] if any("trainable_params" in t for t in table) else [])
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vlprompt.orchestrator import results, tracking
-from vlprompt.orchestrator.config import (
-    ConfigError,
-    ExperimentConfig,
-    flatten,
-    project_method,
-    resolve_paths,
-    validate,
-)
+from vlprompt.orchestrator.config import ConfigError, flatten, resolve_paths, trial_config
+from vlprompt.orchestrator.data import generated_datasets
+from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, as_optuna_point, grid_points
 
@@ -50,16 +44,6 @@ class SweepOutcome:
 
 # --------------------------------------------------------------------------------------
 # trial side
-
-
-def trial_config(config: Mapping[str, Any]) -> DictConfig:
-    """Tune's merged trial config (preset + Optuna suggestion) → validated experiment config."""
-    plain = {k: v for k, v in config.items() if not k.startswith("_")}
-    method = dict(plain.get("method") or {})
-    plain["method"] = project_method(method, method.get("name", ""))
-    cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), plain)
-    validate(cfg)  # type: ignore[arg-type]
-    return cfg  # type: ignore[return-value]
 
 
 def run_name(cfg: DictConfig, trial_id: str) -> str:
@@ -144,30 +128,30 @@ def _fresh_name(storage: Path, name: str, resume: bool) -> str:
 
 
 def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None = None) -> SweepOutcome:
-    """Run the whole sweep described by ``cfg`` and return one row per trial."""
+    """Run the whole sweep described by ``cfg`` and return one row per trial.
+
+    Everything that can fail without Ray fails first: paths are made absolute and every dataset
+    the sweep reads is checked (``preflight``) before Ray starts.
+    """
     import ray
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     cfg = resolve_paths(cfg, launch_dir)
     storage = Path(cfg.sweep.storage_path)
     cfg.sweep.name = _fresh_name(storage, cfg.sweep.name, resume)
     space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
-    if cfg.sweep.sampler == "grid" or not space:
-        points = grid_points(space) if space else [{}]
-        num_trials = len(points)
-    else:
-        points, num_trials = [], cfg.sweep.num_samples
+    points = grid_points(space) if space and cfg.sweep.sampler == "grid" else []
+    num_trials = len(points) if points else (cfg.sweep.num_samples if space else 1)
+    preflight(cfg)
 
     connect_ray()
+    r = cfg.resources
     plan = plan_resources(
         ray.cluster_resources(),
-        num_workers=cfg.resources.num_workers,
-        use_gpu=cfg.resources.use_gpu,
-        cpus_per_worker=cfg.resources.cpus_per_worker,
-        gpus_per_worker=cfg.resources.gpus_per_worker,
-        max_concurrent_trials=cfg.resources.max_concurrent_trials,
+        num_workers=r.num_workers,
+        use_gpu=r.use_gpu,
+        cpus_per_worker=r.cpus_per_worker,
+        gpus_per_worker=r.gpus_per_worker,
+        max_concurrent_trials=r.max_concurrent_trials,
         num_trials=num_trials,
     )
     uri = cfg.tracking.uri
@@ -179,7 +163,39 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
         f"{plan.num_workers} worker(s) × {plan.resources_per_worker} per trial; MLflow run {parent} at {uri}",
         flush=True,
     )
+    outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage))
+    tuner = _tuner(cfg, storage, resume, plan, space, points, num_trials, (uri, experiment_id, parent))
+    started = time.perf_counter()
+    try:
+        outcome.rows = [_row(r) for r in tuner.fit()]
+    except BaseException as err:
+        tracking.fail_unfinished_children(uri, experiment_id, parent, f"sweep aborted: {err!r}")
+        tracking.finish_run(uri, parent, err)
+        raise
+    outcome.wall_s = time.perf_counter() - started
+    _finish_parent(cfg, outcome)
+    return outcome
 
+
+def _tuner(
+    cfg: DictConfig,
+    storage: Path,
+    resume: bool,
+    plan: ResourcePlan,
+    space: dict[str, Any],
+    points: list[dict[str, Any]],
+    num_trials: int,
+    run: tuple[str, str, str],
+) -> Any:
+    """The Tune experiment: restored when resuming, else a new one searching ``space`` with Optuna."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    if resume and tune.Tuner.can_restore(str(storage / cfg.sweep.name)):
+        return tune.Tuner.restore(str(storage / cfg.sweep.name), trainable, resume_errored=True)
+    uri, experiment_id, parent = run
     param_space = {
         **OmegaConf.to_container(cfg, resolve=True),
         "_plan": {
@@ -202,34 +218,18 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
             sampler=_sampler(cfg.sweep.sampler, cfg.seed),
         )
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent_trials)
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
-    started = time.perf_counter()
-    outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage))
-    try:
-        if resume and tune.Tuner.can_restore(str(storage / cfg.sweep.name)):
-            tuner = tune.Tuner.restore(str(storage / cfg.sweep.name), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    search_alg=search_alg,
-                    num_samples=num_trials,
-                    max_concurrent_trials=plan.max_concurrent_trials,
-                    metric=cfg.sweep.metric,
-                    mode=cfg.sweep.mode,
-                ),
-                run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(storage), verbose=1),
-            )
-        grid = tuner.fit()
-        outcome.rows = [_row(r) for r in grid]
-    except BaseException as err:
-        tracking.fail_unfinished_children(uri, experiment_id, parent, f"sweep aborted: {err!r}")
-        tracking.finish_run(uri, parent, err)
-        raise
-    outcome.wall_s = time.perf_counter() - started
-    _finish_parent(cfg, outcome)
-    return outcome
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            num_samples=num_trials,
+            max_concurrent_trials=plan.max_concurrent_trials,
+            metric=cfg.sweep.metric,
+            mode=cfg.sweep.mode,
+        ),
+        run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(storage), verbose=1),
+    )
 
 
 def _sampler(name: str, seed: int) -> Any:
@@ -293,6 +293,7 @@ def _row(result: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
+        "data": "generated" if generated_datasets(cfg) else "real",
         "protocol": cfg.data.protocol,
         "shots": cfg.data.shots,
         "seed": cfg.seed,
@@ -307,8 +308,15 @@ def _row(result: Any) -> dict[str, Any]:
         }
     )
     if result.error is not None:
-        row["error"] = f"{type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:300]}"
+        row["error"] = error_summary(result.error)
     return row
+
+
+def error_summary(error: BaseException) -> str:
+    """The root cause of a trial's error in one line, whole (Ray wraps it in RayTaskErrors whose
+    last line is the original ``Type: message``, which names the file or key and the fix)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _finish_parent(cfg: DictConfig, outcome: SweepOutcome) -> None:

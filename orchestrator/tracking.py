@@ -102,6 +102,12 @@ def fail_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, r
     return len(runs)
 
 
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    c = client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value)
+
+
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     """Log a flat mapping as params (values stringified, in batches of 100)."""
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]

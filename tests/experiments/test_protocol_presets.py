@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from vlprompt import datasets as vds
-from vlprompt.orchestrator.config import PROTOCOL_METRICS, load_config, resolve_paths
+from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.protocols import PROTOCOLS
 
 PRESETS = [
     "quickstart",
@@ -30,7 +31,7 @@ SHORTER = {
 
 def test_there_is_a_preset_for_every_protocol():
     protocols = {load_config(p).data.protocol for p in PRESETS}
-    assert protocols == set(PROTOCOL_METRICS)
+    assert protocols == set(PROTOCOLS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -57,7 +58,7 @@ def test_protocol_preset_runs_on_generated_data(preset, tmp_path):
     )
     cfg = resolve_paths(cfg, tmp_path)
     metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, None)
-    for name in PROTOCOL_METRICS[cfg.data.protocol]:
+    for name in PROTOCOLS[cfg.data.protocol].metrics:
         assert 0.0 <= metrics[name] <= 100.0, name
     assert {k.split("/", 1)[1] for k in metrics if k.startswith("target_acc/")} == set(cfg.data.eval_targets)
     if cfg.data.protocol == "multi_task":  # general10: one accuracy per task

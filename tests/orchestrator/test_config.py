@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -109,3 +110,61 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
     assert tracking_uri("sqlite:///runs/x.db", tmp_path) == f"sqlite:///{tmp_path}/runs/x.db"
     assert tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+
+
+def test_a_relative_checkpoint_is_made_absolute_whatever_its_suffix(tmp_path, monkeypatch):
+    """One checkpoint-path rule for config and backbone: ``weights.ckpt`` is a file, not a tag."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for value in ("weights.ckpt", "clip.bin", "./openai", "~/m.pt"):
+        cfg = resolve_paths(load_config("coop_fewshot", [f"model.pretrained={value}"]), tmp_path)
+        assert Path(cfg.model.pretrained).is_absolute(), value
+    assert resolve_paths(load_config("quickstart"), tmp_path).model.pretrained == "bundled"
+
+
+def test_protocol_choices_and_metrics_come_from_the_protocol_registry():
+    from vlprompt.orchestrator.protocols import PROTOCOLS
+    from vlprompt.orchestrator.schema import DataConfig
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(DataConfig)}["protocol"]
+    assert choices == tuple(PROTOCOLS)
+    assert PROTOCOLS["cross_dataset"] is PROTOCOLS["domain_generalisation"]  # one spec, two names
+    assert PROTOCOLS["base_to_novel"].metrics == ("test_acc", "val_acc", "base_acc", "novel_acc", "hm")
+    assert PROTOCOLS["test_time"].metrics == ("test_acc", "target_acc_mean")
+    for name, protocol in PROTOCOLS.items():
+        for metric in protocol.metrics:  # every metric a protocol reports is a valid sweep metric
+            targets = (
+                "data.eval_targets=[sw_objects]" if protocol.targets != "none" else "data.eval_targets=[]"
+            )
+            method = "method.name=zeroshot"
+            dataset = "data.dataset=sw_all" if protocol.task_source else "data.dataset=sw_shades"
+            load_config(
+                "quickstart",
+                [
+                    f"data.protocol={name}",
+                    targets,
+                    method,
+                    dataset,
+                    "sweep.space={}",
+                    f"sweep.metric={metric}",
+                ],
+            )
+
+
+def test_method_options_are_typed_by_their_dataclass():
+    cfg = load_config("quickstart", ["method.name=linear_probe", "method.c_grid=[1, 100]", "sweep.space={}"])
+    assert list(cfg.method.c_grid) == [1, 100]
+    with pytest.raises(ConfigError, match=r"method\.c_grid"):
+        load_config("quickstart", ["method.name=linear_probe", "method.c_grid=[a, b]", "sweep.space={}"])
+    with pytest.raises(ConfigError, match=r"method\.csc"):
+        load_config("quickstart", ["method.csc=maybe"])
+    with pytest.raises(ConfigError, match=r"method\.teacher_options\.n_ctx"):
+        load_config("promptkd", ["method.teacher_method=coop", "method.teacher_options={n_ctx: four}"])
+
+
+def test_every_point_of_the_space_is_a_valid_trial():
+    from vlprompt.orchestrator.config import space_trials
+
+    trials = list(space_trials(load_config("quickstart")))
+    assert len(trials) == 18  # quickstart: 2 datasets x (zero-shot + 2 methods x 2 shots x 2 seeds)
+    assert {t.method.name for t in trials} == {"zeroshot", "coop", "kgcoop"}
+    assert all("n_ctx" not in t.method for t in trials if t.method.name == "zeroshot")

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from vlprompt.orchestrator.loop import WorkerContext, epoch_batches, eval_batches, lr_at
+from vlprompt.orchestrator.batching import epoch_batches, eval_batches
+from vlprompt.orchestrator.training import lr_at
+from vlprompt.orchestrator.worker import WorkerContext
 
 
 def test_lr_schedule_matches_dassl_constant_warmup_then_cosine():

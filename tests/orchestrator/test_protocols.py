@@ -17,8 +17,10 @@ from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import load_backbone
 from vlprompt.methods.common import cosine_logits, image_features
+from vlprompt.orchestrator.batching import Encoder, Source
 from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
-from vlprompt.orchestrator.loop import WorkerContext, _Source, run, train_epoch
+from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.training import train_epoch
 
 CPU = torch.device("cpu")
 UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
@@ -36,6 +38,7 @@ def _cfg(tmp_path, *overrides, method=("method.name=coop", "method.n_ctx=4")):
         *method,
         f"data.root={tmp_path / 'data'}",
         "data.generate_missing=true",
+        "data.generate_stand_ins=true",  # eurosat's procedural stand-in, asked for explicitly
         "data.shots=4",
         "train.epochs=2",
         "train.batch_size=8",
@@ -84,14 +87,22 @@ def test_a_multi_task_step_minimises_the_summed_loss_over_the_batch(tmp_path):
         return build_method("coop", backbone, classes, {"n_ctx": 2})
 
     tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-    source = _Source({name: s.train for name, s in splits.items()}, tf, 0)
-    source.cache_views(backbone, 1, CPU, 64)
+    source = Source({name: s.train for name, s in splits.items()}, tf, 0)
+    source.cache_views(Encoder(backbone, CPU, 64, {}), 1)
     cfg = OmegaConf.create({"seed": 1, "train": {"batch_size": len(source)}})
 
     method = coop()
     start = method.ctx.detach().clone()
     optimizer = torch.optim.SGD(method.parameters(), lr=1.0)
-    train_epoch(method, source, optimizer, cfg, 0, WorkerContext(0, 1, CPU))
+    train_epoch(
+        method,
+        source,
+        optimizer,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        epoch=0,
+        ctx=WorkerContext(0, 1, CPU),
+    )
 
     manual = coop()
     assert torch.equal(manual.ctx, start)

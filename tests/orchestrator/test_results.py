@@ -15,6 +15,7 @@ def _row(method, shots, seed, acc, **extra):
         "method": method,
         "options": {},
         "dataset": "eurosat",
+        "data": "real",
         "protocol": "few_shot",
         "shots": shots,
         "seed": seed,
@@ -38,7 +39,7 @@ def test_groups_by_configuration_and_averages_over_seeds():
     assert table[0]["seeds"] == [1, 2, 3]
     assert table[1]["test_acc"] == (50.0, 0.0, 1)
     md = to_markdown(table)
-    assert "| coop | - | eurosat | few_shot | 4 | 1,2,3 | 72.00 ± 2.00 |" in md
+    assert "| coop | - | eurosat | real | few_shot | 4 | 1,2,3 | 72.00 ± 2.00 |" in md
     parsed = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert parsed[0]["test_acc_mean"] == "72.0" and parsed[0]["test_acc_n"] == "3"
 

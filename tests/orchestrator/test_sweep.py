@@ -1,8 +1,9 @@
 """A real Tune + Optuna sweep over Ray Train trials (in-process Ray), tracked in MLflow.
 
-One trial succeeds and one fails on purpose (more shots than the classes have images):
-the failure must end FAILED with its message, the sweep must go on, and the parent run
-must say which trial failed — nothing left RUNNING.
+One trial succeeds and one fails on purpose (a corrupt image that only decoding finds, inside
+the trial): the failure must end FAILED with its message, the sweep must go on, and the parent
+run must say which trial failed — nothing left RUNNING. What can be found before Ray starts
+(more shots than a class has) is refused before the sweep starts.
 """
 
 from __future__ import annotations
@@ -12,21 +13,31 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vlprompt.orchestrator.config import load_config
+from vlprompt import datasets as vds
+from vlprompt.orchestrator.config import ConfigError, load_config
 from vlprompt.orchestrator.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
 
 
+def _corrupt_one_test_image(root: Path, name: str) -> str:
+    vds.generate_dataset(name, root, num_classes=4, images_per_class=10)
+    bad = vds.load_dataset(name, root).test[0].path
+    Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return bad
+
+
 def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
+    bad_image = _corrupt_one_test_image(tmp_path / "data", "sw_counting")
     cfg = load_config(
         UNIT,
         [
             f"data.root={tmp_path / 'data'}",
             "train.epochs=2",
+            "data.shots=2",
             "method.name=coop",
-            "sweep.space={data.shots: {choice: [2, 500]}}",
+            "sweep.space={data.dataset: {choice: [synthetic, sw_counting]}}",
             "sweep.name=unit-sweep",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             "tracking.experiment=unit",
@@ -36,8 +47,9 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     assert len(outcome.rows) == 2
     ok = [r for r in outcome.rows if not r.get("error")]
     failed = outcome.failed
-    assert len(ok) == 1 and ok[0]["shots"] == 2 and 0 <= ok[0]["test_acc"] <= 100
-    assert len(failed) == 1 and "500" in failed[0]["error"]
+    assert len(ok) == 1 and ok[0]["dataset"] == "synthetic" and 0 <= ok[0]["test_acc"] <= 100
+    assert len(failed) == 1 and bad_image in failed[0]["error"]  # the whole message, path included
+    assert ok[0]["data"] == "generated"
 
     client = MlflowClient(outcome.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
@@ -46,10 +58,10 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     children = client.search_runs(
         [outcome.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
     )
-    status = {c.data.params.get("data.shots", c.info.run_name): c.info.status for c in children}
+    status = {c.data.params.get("data.dataset", c.info.run_name): c.info.status for c in children}
     assert sorted(status.values()) == ["FAILED", "FINISHED"]
     bad = next(c for c in children if c.info.status == "FAILED")
-    assert "500" in bad.data.tags["error"]
+    assert bad_image in bad.data.tags["error"]
     good = next(c for c in children if c.info.status == "FINISHED")
     assert good.data.metrics["ray_overhead_s"] >= 0
     assert good.data.metrics["time_trial_s"] > good.data.metrics["time_worker_s"]
@@ -80,3 +92,23 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
         launch_dir=tmp_path,
     )
     assert again.name == "unit-sweep-2" and len(again.rows) == 1 and not again.failed
+
+
+def test_what_the_driver_can_check_is_refused_before_the_sweep_starts(tmp_path):
+    """More shots than a class has: one ConfigError from run_sweep, no parent run, no Ray."""
+    import ray
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(
+        UNIT,
+        [
+            f"data.root={tmp_path / 'data'}",
+            "sweep.space={data.shots: {choice: [2, 500]}}",
+            f"tracking.uri={uri}",
+        ],
+    )
+    started = ray.is_initialized()
+    with pytest.raises(ConfigError, match="shots=500"):
+        run_sweep(cfg, launch_dir=tmp_path)
+    assert ray.is_initialized() == started
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was made

@@ -1,0 +1,77 @@
+"""Checks against the file system, once, in the driver, before Ray starts.
+
+``config`` checks what a config says; this checks that what it names is there. For every distinct
+data setup the sweep's trials will read (dataset or task group, targets, protocol, shots), the
+driver writes the procedural data the config allows to be generated (once, not in every trial
+at once), reads every dataset through the real readers -- split files, class folders, listed
+images -- and checks that each class has the shots asked for. A wrong ``data.root``, a missing
+split file or ``data.shots=16`` on a class with 10 training images is then one error naming the
+path or the class and the fix, before any trial starts, instead of one failure per trial
+minutes in. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from vlprompt import datasets as vds
+from vlprompt.orchestrator.config import ConfigError, space_trials
+from vlprompt.orchestrator.data import ensure_datasets
+from vlprompt.orchestrator.protocols import get_protocol
+
+
+def data_setups(cfg: DictConfig) -> list[DictConfig]:
+    """One trial config per distinct data setup among the sweep's trials."""
+    seen: dict[tuple, DictConfig] = {}
+    for trial in space_trials(cfg):
+        d = trial.data
+        key = (d.root, d.dataset, tuple(d.eval_targets), d.protocol, d.shots, d.generate_missing,
+               d.generate_stand_ins, d.make_missing_splits)  # fmt: skip
+        seen.setdefault(key, trial)
+    return list(seen.values())
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Generate what may be generated, then read every dataset the sweep needs; ``ConfigError``."""
+    for trial in data_setups(cfg):
+        check_data(trial)
+
+
+def check_data(cfg: DictConfig) -> None:
+    """One data setup: its datasets exist and read, and every class has ``data.shots`` images."""
+    ensure_datasets(cfg)
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise ConfigError(
+            f"data.root={root} does not exist: point it at the folder that holds the dataset folders "
+            f"(check one with `python -m vlprompt.datasets doctor --root DIR`)" + _generate_hint(cfg)
+        )
+    print(f"[vlprompt] checking data: {cfg.data.dataset} under {root}", file=sys.stderr, flush=True)
+    make_split = cfg.data.make_missing_splits
+    try:
+        tasks = vds.load_tasks(cfg.data.dataset, root, make_missing_split=make_split)
+        for name in cfg.data.eval_targets:
+            vds.load_dataset(name, root, make_missing_split=make_split)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.dataset={cfg.data.dataset}: {err}{_generate_hint(cfg)}") from None
+    if get_protocol(cfg.data.protocol).fewshot:
+        for task in tasks.values():
+            try:
+                vds.sample_fewshot(task.splits, cfg.data.shots, cfg.seed)
+            except ValueError as err:
+                raise ConfigError(f"data.shots={cfg.data.shots}: {err}") from None
+
+
+def _generate_hint(cfg: DictConfig) -> str:
+    procedural = [n for n in vds.task_names(cfg.data.dataset) if vds.get_entry(n).procedural]
+    if procedural and not cfg.data.generate_missing:
+        return " (procedural datasets are written on first use with data.generate_missing=true)"
+    if not cfg.data.generate_stand_ins:
+        return (
+            " (to try the platform without the real data, data.generate_stand_ins=true writes small "
+            "procedural stand-ins in the real layouts; such runs are tagged data.generated)"
+        )
+    return ""

@@ -1,0 +1,154 @@
+"""The experiment configuration's schema: one typed dataclass per section.
+
+Fields whose value is a path carry ``metadata={"path": kind}`` (``"dir"``, ``"file"``, or
+``"weights"`` -- a checkpoint path or an open_clip tag), so ``config.resolve_paths`` makes every
+path absolute by iterating fields, here and in the method's options (``methods/options.py``),
+without knowing any option by name. Choices are declared as ``metadata={"choices": ...}``;
+``data.protocol``'s come from the protocol registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlprompt.orchestrator.protocols import PROTOCOLS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (or file) and what to do."""
+
+
+def _path(kind: str, default: Any) -> Any:
+    return field(default=default, metadata={"path": kind})
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vlp-tiny"  # open_clip model name, e.g. "ViT-B-16"
+    # an open_clip tag ("openai"), "bundled", a checkpoint path, or null for random init
+    pretrained: str | None = _path("weights", None)
+    precision: str = _choice("fp32", "fp32", "bf16", "fp16")  # backbone weights
+
+
+@dataclass
+class DataConfig:
+    # a catalog dataset; for protocol multi_task a task group (general10, sw_all) or a
+    # multi-task dataset (fashion20) — `python -m vlprompt.datasets list` shows both
+    dataset: str = "synthetic"
+    root: str = _path("dir", "data")  # folder holding the dataset folders
+    shots: int = 16  # images per class for training; <= 0 means every training image
+    protocol: str = _choice("few_shot", *PROTOCOLS)  # orchestrator/protocols.py
+    # cross_dataset / domain_generalisation (test_time: optional): after training on `dataset`,
+    # evaluate the learned state on each of these datasets' test split with their own classes
+    eval_targets: list[str] = field(default_factory=list)
+    # write a missing dataset folder when the dataset is procedural by nature (synthetic, sw_*)
+    generate_missing: bool = False
+    # also write procedural *stand-ins* for missing real benchmarks (eurosat, imagenet ...): drawn
+    # shapes in the real layout, for trying the platform; runs on them are tagged data.generated
+    generate_stand_ins: bool = False
+    # a missing split JSON is written next to the data by the reference's rule (not the
+    # published file; a line on stderr says so); false: a missing split file is an error
+    make_missing_splits: bool = True
+    # true: unreadable/corrupt images are dropped from every split and counted
+    # (metric bad_images_skipped); false: the first one stops the run, naming the file
+    skip_bad_images: bool = False
+    loader_workers: int = 0  # torch DataLoader worker processes
+    # folder of cached frozen image features (Parquet, orchestrator/features.py), shared by
+    # every trial and sweep that encodes the same images the same way; null turns it off
+    feature_cache: str | None = _path("dir", "feature_cache")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1  # constant-LR warm-up epochs counted inside `epochs` (Dassl)
+    warmup_lr: float = 1e-5
+    eval_batch_size: int = 100
+    feature_views: int = 0  # >0: train frozen-image-tower methods on this many cached augmented views
+    crop_min_scale: float = 0.08  # RandomResizedCrop's lower scale bound (Dassl reference: 0.08)
+    device: str = _choice("auto", "auto", "cpu", "cuda")
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 1  # Ray Train workers per trial (DDP when > 1)
+    use_gpu: str = _choice("auto", "auto", "true", "false")  # auto: GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only when GPUs are used
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's resources allow
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite in the launch dir
+    uri: str | None = None
+    experiment: str = "vlprompt"
+
+
+@dataclass
+class SweepConfig:
+    name: str | None = None  # defaults to the config's name; deterministic, so a sweep can resume
+    sampler: str = _choice("grid", "grid", "tpe", "random")  # grid: every point of the space once
+    num_samples: int = 0  # tpe/random: number of trials (grid: ignored)
+    metric: str = "test_acc"
+    mode: str = _choice("max", "max", "min")
+    space: dict[str, Any] = field(default_factory=dict)  # "section.key": {choice: [...], when: {...}}
+    storage_path: str = _path("dir", "ray_results")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # free-form here, typed against the chosen method's options class by checks.method_options
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "zeroshot"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+#: Section name → its dataclass (the typed sections; ``method`` is typed per method).
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "resources": ResourcesConfig,
+    "tracking": TrackingConfig,
+    "sweep": SweepConfig,
+}
+
+
+@cache
+def structured(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)``, built once per class (merging copies it)."""
+    return OmegaConf.structured(schema)
+
+
+def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (MLflow params, results tables)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
