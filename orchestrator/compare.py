@@ -18,68 +18,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from scipy import stats
+
 Row = Mapping[str, Any]
 
 
-# --------------------------------------------------------------------------------------
-# Student t quantile (regularised incomplete beta by continued fraction; Numerical Recipes §6.4)
-
-
-def _nonzero(value: float) -> float:
-    return value if abs(value) > 1e-300 else 1e-300
-
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    c, d = 1.0, 1.0 / _nonzero(1.0 - (a + b) * x / (a + 1.0))
-    h = d
-    for m in range(1, 500):
-        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        for aa in (even, odd):
-            d = 1.0 / _nonzero(1.0 + aa * d)
-            c = _nonzero(1.0 + aa / c)
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _beta_inc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta ``I_x(a, b)``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """``P(T ≤ t)`` for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * _beta_inc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t (``t_quantile(0.975, 2) = 4.302653``), by bisection."""
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (scipy's ``t.ppf``)."""
     if not 0.0 < p < 1.0 or df <= 0:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo <= 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass(frozen=True)

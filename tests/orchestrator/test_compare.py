@@ -10,7 +10,6 @@ from vlprompt.orchestrator.compare import (
     compare,
     pair,
     parse_selector,
-    t_cdf,
     t_interval,
     t_quantile,
     to_csv,
@@ -30,7 +29,6 @@ from vlprompt.orchestrator.compare import (
 )
 def test_t_quantiles_match_the_tables(p, df, expected):
     assert t_quantile(p, df) == pytest.approx(expected, abs=1e-6)
-    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-12)
 
 
 def test_t_interval_by_hand():
