@@ -5,6 +5,7 @@
         --a method=coop --b method=bias_tuning                     # paired on dataset, shots, seed
     python experiments/report.py --sweep coop_fewshot --compare method.n_ctx=4 method.n_ctx=16 \\
         --pair-by dataset,shots,seed --metric test_acc --out report/
+    python experiments/report.py --sweep smallworld --versus method=zeroshot method=coop
 
 Reads the sweep's child runs (``tags.mlflow.parentRunId``; only FINISHED runs count, the
 others are counted and named by status) and writes, to ``--out`` and as artifacts
@@ -14,7 +15,10 @@ others are counted and named by status) and writes, to ``--out`` and as artifact
   (:mod:`vlprompt.orchestrator.results`);
 * with two configurations A and B: ``compare.md|csv|png`` -- per group (the pairing keys
   without ``seed``) the mean of A and of B over matched runs, the paired difference B − A and
-  its 95 % Student-t interval (:mod:`vlprompt.orchestrator.compare`).
+  its 95 % Student-t interval (:mod:`vlprompt.orchestrator.compare`);
+* with ``--versus A B``: ``versus.md`` -- per protocol and dataset the class count, chance, A and
+  B (mean ± std over their runs, unpaired: a zero-shot baseline has one run, a learned method one
+  per seed) and B − A, with the mean gain (the README's small-world table).
 
 Selectors are ``key=value`` over a run's row: the short keys ``method dataset protocol
 shots seed model`` or any logged param by its full name (``method.n_ctx``, ``train.lr``).
@@ -62,6 +66,7 @@ def run_row(run: Run) -> dict[str, Any]:
     params = run.data.params
     row: dict[str, Any] = dict(params)
     row.update({short: _value(params[full]) for short, full in SHORT_KEYS.items() if full in params})
+    row["data"] = "real" if params.get("data.generated", "none") == "none" else "generated"
     row["options"] = {
         k.removeprefix("method."): _value(v)
         for k, v in params.items()
@@ -151,7 +156,7 @@ def plot(table: Sequence[dict[str, Any]], group_by: Sequence[str], title: str) -
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", nargs="+", default=[], metavar="KEY=VALUE", help="configuration B")
     parser.add_argument("--compare", nargs=2, metavar="KEY=VALUE", help="shorthand for --a X --b Y")
     parser.add_argument("--pair-by", default="dataset,shots,seed", help="keys a pair shares")
+    parser.add_argument("--versus", nargs=2, metavar="KEY=VALUE", help="A and B per dataset, unpaired")
     args = parser.parse_args(argv)
     if not args.tracking_uri:
         parser.error("--tracking-uri (or MLFLOW_TRACKING_URI) is required")
@@ -174,13 +180,43 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.a) != bool(args.b):
         parser.error("--a and --b go together")
     try:
-        a = compare.parse_selector(args.compare[:1] if args.compare else args.a)
-        b = compare.parse_selector(args.compare[1:] if args.compare else args.b)
+        args.a = compare.parse_selector(args.compare[:1] if args.compare else args.a)
+        args.b = compare.parse_selector(args.compare[1:] if args.compare else args.b)
+        args.versus = [compare.parse_selector([v]) for v in args.versus or []]
     except ValueError as err:
         parser.error(str(err))
+    return args
+
+
+def _paired(rows: list[dict[str, Any]], args: argparse.Namespace, header: str) -> dict[str, bytes | str]:
     pair_by = [k.strip() for k in args.pair_by.split(",") if k.strip()]
     group_by = [k for k in pair_by if k != "seed"]
+    pairing = compare.pair(rows, args.a, args.b, pair_by, args.metric)
+    lines = compare.compare(pairing, args.metric, group_by)
+    a_text, b_text = compare.describe(args.a), compare.describe(args.b)
+    md = compare.to_markdown(lines, group_by, a_text, b_text, args.metric)
+    note = f"Paired by {', '.join(pair_by)}: {pairing.summary()}."
+    print(note)
+    print(md)
+    return {
+        "compare.md": f"{header}\n{note}\n\n{md}",
+        "compare.csv": compare.to_csv(lines, group_by),
+        "compare.png": plot(lines, group_by, f"{args.metric}: ({b_text}) − ({a_text}), 95 % CI"),
+    }
 
+
+def _versus(rows: list[dict[str, Any]], args: argparse.Namespace, header: str) -> dict[str, bytes | str]:
+    a, b = args.versus
+    table = results.versus(
+        rows, lambda r: compare.matches(r, a), lambda r: compare.matches(r, b), args.metric
+    )
+    md = results.versus_markdown(table, compare.describe(a), compare.describe(b), args.metric)
+    print(md)
+    return {"versus.md": f"{header}\n\n{md}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     uri = args.tracking_uri
     try:
         parent = find_parent(uri, args.run_id, args.sweep, args.experiment)
@@ -201,17 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(header)
     print(results.to_markdown(table))
-    if a:
-        pairing = compare.pair(rows, a, b, pair_by, args.metric)
-        lines = compare.compare(pairing, args.metric, group_by)
-        a_text, b_text = compare.describe(a), compare.describe(b)
-        md = compare.to_markdown(lines, group_by, a_text, b_text, args.metric)
-        note = f"Paired by {', '.join(pair_by)}: {pairing.summary()}."
-        files["compare.md"] = f"{header}\n{note}\n\n{md}"
-        files["compare.csv"] = compare.to_csv(lines, group_by)
-        files["compare.png"] = plot(lines, group_by, f"{args.metric}: ({b_text}) − ({a_text}), 95 % CI")
-        print(note)
-        print(md)
+    if args.a:
+        files.update(_paired(rows, args, header))
+    if args.versus:
+        files.update(_versus(rows, args, header))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

@@ -12,7 +12,7 @@ import io
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 #: Metrics a trial reports that belong in tables (in this order).
@@ -96,3 +96,61 @@ def to_csv(table: Sequence[Mapping[str, Any]]) -> str:
             cells += list(v) if isinstance(v, tuple) else [_cell(v) if v != "" else ""]
         writer.writerow(cells)
     return out.getvalue()
+
+
+# --------------------------------------------------------------------------------------
+# one method against another, per dataset (the README's small-world table)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def versus(
+    rows: Iterable[Mapping[str, Any]],
+    a: Callable[[Mapping[str, Any]], bool],
+    b: Callable[[Mapping[str, Any]], bool],
+    metric: str = "test_acc",
+) -> list[dict[str, Any]]:
+    """Per (protocol, dataset): classes, chance, A and B (mean ± std over their runs), B − A.
+
+    Unpaired: a zero-shot baseline has one run per dataset, the learned method one per seed.
+    ``a`` and ``b`` pick a row's side; rows on neither side, failed or without ``metric`` are left out.
+    """
+    groups: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = defaultdict(
+        lambda: {"a": [], "b": []}
+    )
+    for row in rows:
+        side = "a" if a(row) else "b" if b(row) else None
+        if side and not row.get("error") and metric in row:
+            groups[(str(row.get("protocol")), str(row.get("dataset")))][side].append(row)
+    table = []
+    for (protocol, dataset), sides in sorted(groups.items()):
+        if not (sides["a"] and sides["b"]):
+            continue
+        classes = int(float(sides["a"][0].get("num_classes", 0) or 0))
+        line: dict[str, Any] = {"protocol": protocol, "dataset": dataset, "classes": classes}
+        line["chance"] = 100.0 / classes if classes else float("nan")
+        line["a"] = _mean_std([float(r[metric]) for r in sides["a"]])
+        line["b"] = _mean_std([float(r[metric]) for r in sides["b"]])
+        line["gain"] = line["b"][0] - line["a"][0]
+        table.append(line)
+    return table
+
+
+def versus_markdown(table: Sequence[Mapping[str, Any]], a: str, b: str, metric: str = "test_acc") -> str:
+    """The :func:`versus` table, with the mean gain over its lines."""
+    if not table:
+        return "(no dataset has runs of both configurations)\n"
+    head = ["protocol", "dataset", "classes", "chance", f"A: {a}", f"B: {b} (mean ± std, n)", "B − A"]
+    lines = [f"{metric}, %", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for line in table:
+        b_mean, b_std, n = line["b"]
+        known = line["classes"] > 0
+        cells = [line["protocol"], line["dataset"], str(line["classes"]) if known else "-"]
+        cells.append(f"{line['chance']:.1f}" if known else "-")
+        cells += [f"{line['a'][0]:.1f}", f"{b_mean:.1f} ± {b_std:.1f} ({n})", f"{line['gain']:+.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean_gain = statistics.fmean(line["gain"] for line in table)
+    lines += ["", f"Mean gain B − A over {len(table)} lines: {mean_gain:+.1f} points."]
+    return "\n".join(lines) + "\n"

@@ -99,3 +99,16 @@ def test_report_by_run_id_with_compare_shorthand_and_bad_input(store, tmp_path):
     assert report.main(["--tracking-uri", uri, "--sweep", "no-such-sweep", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):
         report.main([*argv, "--a", "method=coop"])  # --b missing
+
+
+def test_versus_table_per_dataset_with_the_mean_gain(store, tmp_path):
+    """Unpaired A against B per dataset: the shape of the README's small-world table."""
+    uri, _ = store
+    out = tmp_path / "versus"
+    argv = ["--tracking-uri", uri, "--sweep", "mysweep", "--out", str(out)]
+    assert report.main([*argv, "--versus", "method=coop", "method=bias_tuning"]) == 0
+    text = (out / "versus.md").read_text()
+    # eurosat: coop 70/72/74 = 72.0, bias 71/74/77 = 74.0 ± 3.0 (3); dtd: coop 51.0, bias 55.0 (1)
+    assert "| few_shot | eurosat | - | - | 72.0 | 74.0 ± 3.0 (3) | +2.0 |" in text
+    assert "| few_shot | dtd | - | - | 51.0 | 55.0 ± 0.0 (1) | +4.0 |" in text
+    assert "Mean gain B − A over 2 lines: +3.0 points." in text

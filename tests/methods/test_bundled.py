@@ -56,7 +56,7 @@ def test_model_without_bundled_weights_is_refused() -> None:
 
 
 # --- prompts on the bundled model, through vlprompt's one loop (in-process, no Ray) ---------
-# Measured with experiments/smallworld_eval.py --lr 0.02 --epochs 30 --crop-scale 0.9 (seed 1):
+# Measured with the smallworld preset (experiments/configs/smallworld.yaml, seed 1):
 # sw_textures zero-shot 45.8 % (chance 12.5 %); sw_counting zero-shot 37.5 %, CoOp 49.2 %.
 
 
