@@ -18,11 +18,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
 
 from vlprompt.orchestrator.config import ConfigError, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -37,13 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         help="continue the sweep of the same name: finished trials are not repeated",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+
+def _warn_if_results_would_vanish(cfg: DictConfig) -> None:
+    """A Ray job runs in a temporary copy of the working directory: a default SQLite store there is lost."""
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not (
         cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     ):
@@ -54,25 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    import ray
 
+def _print_outcome(outcome: Any, seconds: float) -> None:
     from vlprompt.orchestrator import results
-    from vlprompt.orchestrator.sweep import run_sweep
 
-    started = time.perf_counter()
-    try:
-        outcome = run_sweep(cfg, resume=args.resume)
-    except ConfigError as err:  # the data checks that run before Ray starts
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
-    table = results.summarise(outcome.rows)
     print()
     print(
         f"Results of sweep {outcome.name!r} ({len(outcome.rows)} trials, "
-        f"{time.perf_counter() - started:.0f} s; accuracy in %, mean ± std over seeds):"
+        f"{seconds:.0f} s; accuracy in %, mean ± std over seeds):"
     )
-    print(results.to_markdown(table))
+    print(results.to_markdown(results.summarise(outcome.rows)))
     for row in outcome.failed:
         print(
             f"FAILED trial: {row.get('method')} {row.get('dataset')} shots={row.get('shots')} "
@@ -85,6 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"  browse with: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    _warn_if_results_would_vanish(cfg)
+
+    import ray
+
+    from vlprompt.orchestrator.sweep import run_sweep
+
+    started = time.perf_counter()
+    try:
+        outcome = run_sweep(cfg, resume=args.resume)
+    except ConfigError as err:  # the data checks that run before Ray starts
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
+    _print_outcome(outcome, time.perf_counter() - started)
     return 1 if outcome.failed else 0
 
 

@@ -75,7 +75,7 @@ def zero_shot_probe(model, tokenizer, mean, std, seed: int, n: int = 600) -> dic
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vlp-small")
     p.add_argument("--steps", type=int, default=1500)
@@ -92,9 +92,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--snapshot", type=Path, default=None, help="also save weights here every 100 steps")
-    args = p.parse_args(argv)
-    out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
+    return p.parse_args(argv)
 
+
+def _optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW, no weight decay on embeddings, biases and norms (open_clip's training recipe)."""
+    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in n]
+    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine to zero."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _half_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+
+
+def _train(model: torch.nn.Module, tokenizer: object, pre: dict, args: argparse.Namespace) -> float:
+    """The contrastive steps; returns the last step's loss."""
+    opt = _optimizer(model, args)
+    stream = WorldStream(args.seed, args.batch_size, tokenizer, pre["mean"], pre["std"], args.simple)
+    loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+    loss_fn = open_clip.ClipLoss()
+    start, loss = time.time(), torch.tensor(float("nan"))
+    model.train()
+    for step, (x, ids) in enumerate(loader):
+        if step >= args.steps:
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, args)
+        img, txt, scale = model(x, ids)
+        loss = loss_fn(img, txt, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if args.snapshot is not None and step % 100 == 99:
+            save_file(_half_state(model), str(args.snapshot))
+        if step % args.log_every == 0 or step == args.steps - 1:
+            elapsed = time.time() - start
+            mlflow.log_metrics(
+                {"loss": loss.item(), "lr": _lr_at(step, args), "elapsed_s": elapsed}, step=step
+            )
+            print(f"step {step:5d} loss {loss.item():.3f} {elapsed / (step + 1):.2f}s/step", flush=True)
+    return loss.item()
+
+
+def _save(model: torch.nn.Module, out: Path, args: argparse.Namespace, record: dict) -> dict:
+    """fp16 weights, their sha256 file and the ``<model>.json`` record of how they were made."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_half_state(model), str(out))
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    out.with_name(out.name + ".sha256").write_text(f"{digest}  {out.name}\n", encoding="utf-8")
+    record = {
+        **record,
+        "sha256": digest,
+        "bytes": out.stat().st_size,
+        "machine": f"{platform.platform()}; {os.cpu_count()} cpus, {args.threads} torch threads; "
+        f"torch {torch.__version__}; open_clip {open_clip.__version__}",
+    }
+    out.with_name(out.stem + ".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
     register_model_configs()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -102,63 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = open_clip.get_tokenizer(args.model)
     pre = open_clip.get_model_preprocess_cfg(model)
     mean, std = torch.tensor(pre["mean"]).view(1, 3, 1, 1), torch.tensor(pre["std"]).view(1, 3, 1, 1)
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in n]
-    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * t))
-
-    stream = WorldStream(args.seed, args.batch_size, tokenizer, pre["mean"], pre["std"], args.simple)
-    loader = DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
-    loss_fn = open_clip.ClipLoss()
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     mlflow.set_experiment("pretrain_small_clip")
     n_params = sum(q.numel() for q in model.parameters())
     start = time.time()
     with mlflow.start_run(run_name=f"{args.model}-s{args.seed}"):
         mlflow.log_params({**{k: str(v) for k, v in vars(args).items()}, "params": n_params})
-        model.train()
-        for step, (x, ids) in enumerate(loader):
-            if step >= args.steps:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            img, txt, scale = model(x, ids)
-            loss = loss_fn(img, txt, scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            if args.snapshot is not None and step % 100 == 99:
-                save_file(
-                    {k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
-                    str(args.snapshot),
-                )
-            if step % args.log_every == 0 or step == args.steps - 1:
-                elapsed = time.time() - start
-                mlflow.log_metrics({"loss": loss.item(), "lr": lr_at(step), "elapsed_s": elapsed}, step=step)
-                print(f"step {step:5d} loss {loss.item():.3f} {elapsed / (step + 1):.2f}s/step", flush=True)
+        final_loss = _train(model, tokenizer, pre, args)
         wall = time.time() - start
         model.eval()
         probes = zero_shot_probe(model, tokenizer, mean, std, args.seed)
-        mlflow.log_metrics({**probes, "final_loss": loss.item(), "wall_s": wall})
+        mlflow.log_metrics({**probes, "final_loss": final_loss, "wall_s": wall})
         print(probes, flush=True)
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out))
-        digest = hashlib.sha256(out.read_bytes()).hexdigest()
-        out.with_name(out.name + ".sha256").write_text(f"{digest}  {out.name}\n", encoding="utf-8")
         record = {
             "command": "python experiments/pretrain_small_clip.py "
             + " ".join(sys.argv[1:] if argv is None else argv),
@@ -172,14 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "params": n_params,
             "wall_s": round(wall, 1),
-            "final_loss": round(loss.item(), 4),
+            "final_loss": round(final_loss, 4),
             **{k: round(v, 4) for k, v in probes.items()},
-            "sha256": digest,
-            "bytes": out.stat().st_size,
-            "machine": f"{platform.platform()}; {os.cpu_count()} cpus, {args.threads} torch threads; "
-            f"torch {torch.__version__}; open_clip {open_clip.__version__}",
         }
-        out.with_name(out.stem + ".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record = _save(model, out, args, record)
         mlflow.log_dict(record, "record.json")
     print(json.dumps(record, indent=2))
     return 0
