@@ -22,8 +22,9 @@ training views are random draws that belong to one run's seed and RNG stream.
 
 Deliberately plain ``pyarrow`` on the worker, not Ray Data: the encoding runs on the worker's
 own device inside the trial, and a Ray Data actor pool started from inside a trial competes
-with the trial's workers for the same CPUs (``reference/ORCHESTRATION.md``: on 2 CPUs that
-hangs). The files are ordinary Parquet, so ``ray.data.read_parquet`` reads them as they are.
+with the trial's workers for the same CPUs (on a 2-CPU cluster whose CPUs the trials hold, the
+pool waits for a CPU that never frees). The files are ordinary Parquet, so
+``ray.data.read_parquet`` reads them as they are.
 """
 
 from __future__ import annotations

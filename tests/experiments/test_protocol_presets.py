@@ -11,6 +11,8 @@ from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
 from vlprompt.orchestrator.protocols import PROTOCOLS
 
+pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
+
 PRESETS = [
     "quickstart",
     "coop_fewshot",

@@ -12,6 +12,8 @@ from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.features import FeatureStore, backbone_identity, digest, feature_key
 from vlprompt.orchestrator.loop import WorkerContext, run
 
+pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
+
 CPU = torch.device("cpu")
 UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
 

@@ -22,6 +22,8 @@ from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
 from vlprompt.orchestrator.training import train_epoch
 
+pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
+
 CPU = torch.device("cpu")
 UNIT = str(Path(__file__).resolve().parents[1] / "assets" / "unit.yaml")
 
