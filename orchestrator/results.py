@@ -139,7 +139,7 @@ def versus(
 
 
 def versus_markdown(table: Sequence[Mapping[str, Any]], a: str, b: str, metric: str = "test_acc") -> str:
-    """The :func:`versus` table, with the mean gain over its lines."""
+    """The :func:`versus` table, with the mean gain per protocol."""
     if not table:
         return "(no dataset has runs of both configurations)\n"
     head = ["protocol", "dataset", "classes", "chance", f"A: {a}", f"B: {b} (mean ± std, n)", "B − A"]
@@ -151,6 +151,9 @@ def versus_markdown(table: Sequence[Mapping[str, Any]], a: str, b: str, metric: 
         cells.append(f"{line['chance']:.1f}" if known else "-")
         cells += [f"{line['a'][0]:.1f}", f"{b_mean:.1f} ± {b_std:.1f} ({n})", f"{line['gain']:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    mean_gain = statistics.fmean(line["gain"] for line in table)
-    lines += ["", f"Mean gain B − A over {len(table)} lines: {mean_gain:+.1f} points."]
+    lines.append("")
+    for protocol in sorted({line["protocol"] for line in table}):
+        gains = [line["gain"] for line in table if line["protocol"] == protocol]
+        mean = statistics.fmean(gains)
+        lines.append(f"{protocol}: mean gain B − A over {len(gains)} dataset(s): {mean:+.1f} points.")
     return "\n".join(lines) + "\n"

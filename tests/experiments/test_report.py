@@ -111,4 +111,4 @@ def test_versus_table_per_dataset_with_the_mean_gain(store, tmp_path):
     # eurosat: coop 70/72/74 = 72.0, bias 71/74/77 = 74.0 ± 3.0 (3); dtd: coop 51.0, bias 55.0 (1)
     assert "| few_shot | eurosat | - | - | 72.0 | 74.0 ± 3.0 (3) | +2.0 |" in text
     assert "| few_shot | dtd | - | - | 51.0 | 55.0 ± 0.0 (1) | +4.0 |" in text
-    assert "Mean gain B − A over 2 lines: +3.0 points." in text
+    assert "few_shot: mean gain B − A over 2 dataset(s): +3.0 points." in text
