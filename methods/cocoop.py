@@ -7,8 +7,8 @@ thus gets its own prompts ``[SOS] v_1(x) ... v_M(x) [CLASS] . [EOS]`` for every 
 logits are CLIP's cosine logits against those prompts' text features (the paper's
 ``p(y | x)`` with ``t_i(x)``).
 
-Matches ``KaiyangZhou/CoOp trainers/cocoop.py`` (``PromptLearner``, ``CustomCLIP``;
-``reference/METHODS.md`` §2) and ``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
+Matches ``KaiyangZhou/CoOp trainers/cocoop.py`` (``PromptLearner``, ``CustomCLIP``) and
+``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
 defaults ``n_ctx=4, ctx_init="a photo of a"``, generic context only, class token at the end;
 Meta-Net ``linear1 Linear(d, d // 16) → ReLU → linear2 Linear(d // 16, ctx_dim)`` with torch's
 default ``nn.Linear`` init, fed the **L2-normalised** image feature (``d`` = the joint

@@ -6,13 +6,13 @@ in the token-embedding space (paper Eq. 2); the frozen text tower turns each cla
 into a classifier weight, and training minimises cross-entropy of CLIP's cosine logits.
 
 Matches ``KaiyangZhou/CoOp trainers/coop.py`` (``PromptLearner``, ``TextEncoder``,
-``CustomCLIP``; ``reference/METHODS.md`` §1): defaults ``n_ctx=16, ctx_init="", csc=False,
-class_token_position="end"``; random init N(0, 0.02²) of shape ``(n_ctx, W)`` or, class-specific,
-``(n_cls, n_ctx, W)``; word init from the embeddings of ``ctx_init``; the prompt text
-``"<prefix> <class name>."`` tokenised once, its SOS kept as ``token_prefix`` and everything
-after the context (class tokens, ".", EOS, padding) as ``token_suffix``; class token at the
-end, in the middle (context split at ``n_ctx // 2``) or in front, using the class names'
-token counts; the feature is read at the EOS position of the tokenised prompt.
+``CustomCLIP``): defaults ``n_ctx=16, ctx_init="", csc=False, class_token_position="end"``;
+random init N(0, 0.02²) of shape ``(n_ctx, W)`` or, class-specific, ``(n_cls, n_ctx, W)``; word
+init from the embeddings of ``ctx_init``; the prompt text ``"<prefix> <class name>."`` tokenised
+once, its SOS kept as ``token_prefix`` and everything after the context (class tokens, ".", EOS,
+padding) as ``token_suffix``; class token at the end, in the middle (context split at
+``n_ctx // 2``) or in front, using the class names' token counts; the feature is read at the EOS
+position of the tokenised prompt.
 
 Deliberate changes:
 

@@ -9,12 +9,12 @@ own learned prompt. Vision: ``n_ctx_vision`` prompt tokens appended after the po
 replaced by that layer's prompt. The two towers' prompts are independent (no coupling); the image
 feature is read at the class token as usual; logits are CLIP's cosine logits, loss cross-entropy.
 
-Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/independentVL.py`` and
-``clip/model.py`` (``ResidualAttentionBlock_IVLP``, ``VisionTransformer``; ``reference/METHODS.md``
-§3): defaults of ``configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2 text + 2 vision
-tokens, depth 12/12, ``ctx_init "a photo of a"``: 30,720 parameters on ViT-B/16; the PromptSRC
-4+4 depth 9/9 config gives 46,080); word init only for ``n_ctx_text <= 4`` with the whole init
-text kept in the prompt (:func:`~vlprompt.methods.common.deep_prompt_context`); every deep and
+Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/independentVL.py``
+(``VLPromptLearner``, ``CustomCLIP``) and ``clip/model.py`` (``ResidualAttentionBlock_IVLP``,
+``VisionTransformer``): defaults of ``configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2
+text + 2 vision tokens, depth 12/12, ``ctx_init "a photo of a"``: 30,720 parameters on ViT-B/16; the
+PromptSRC 4+4 depth 9/9 config gives 46,080); word init only for ``n_ctx_text <= 4`` with the whole
+init text kept in the prompt (:func:`~vlprompt.methods.common.deep_prompt_context`); every deep and
 visual prompt N(0, 0.02²); prompts carry no positional embedding.
 
 Deliberate changes:

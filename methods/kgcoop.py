@@ -5,13 +5,12 @@ CoOp's learned prompts, kept close to the hand-crafted ones: besides cross-entro
 penalises the distance between each class's learned text feature ``w_i`` and the frozen
 feature ``w_i^clip`` of the dataset's hand-crafted template, ``L = L_ce + λ · L_kg``.
 
-Matches ``htyao89/KgCoOp KgCoOp/trainers/kgcoop.py`` (``reference/METHODS.md`` §9) and its
-``vit_b16_ep100_ctxv1`` setup: a generic CoOp context initialised from ``"a photo of a"``
-(4 tokens), class token at the end, only ``ctx`` trained (2,048 parameters on ViT-B/16);
-targets = L2-normalised CLIP text features of ``template.format(class name)`` computed once
-at build; ``L_kg = 1 − mean_i cos(w_i, w_i^clip)`` (the code's form; the paper writes the
-squared distance of unit vectors, ``2 (1 − cos)``) with ``λ = 8`` (``TRAINER.COOP.W`` in
-``scripts/run.sh``); prediction uses the learned prompts only.
+Matches ``htyao89/KgCoOp KgCoOp/trainers/kgcoop.py`` and its ``vit_b16_ep100_ctxv1`` setup: a
+generic CoOp context initialised from ``"a photo of a"`` (4 tokens), class token at the end, only
+``ctx`` trained (2,048 parameters on ViT-B/16); targets = L2-normalised CLIP text features of
+``template.format(class name)`` computed once at build; ``L_kg = 1 − mean_i cos(w_i, w_i^clip)``
+(the code's form; the paper writes the squared distance of unit vectors, ``2 (1 − cos)``) with
+``λ = 8`` (``TRAINER.COOP.W`` in ``scripts/run.sh``); prediction uses the learned prompts only.
 
 Deliberate changes:
 

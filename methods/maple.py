@@ -9,8 +9,8 @@ coupling function"). ``P̃_0`` is appended to the image tokens after the positio
 ``P̃_i`` replaces them before image block ``i``. Cosine logits, cross-entropy.
 
 Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/maple.py``
-(``MultiModalPromptLearner``) and ``clip/model.py`` (``ResidualAttentionBlock_MaPLe``,
-``VisionTransformer_MaPLe``; ``reference/METHODS.md`` §3): defaults of
+(``MultiModalPromptLearner``, ``CustomCLIP``) and ``clip/model.py`` (``ResidualAttentionBlock_MaPLe``,
+``VisionTransformer_MaPLe``): defaults of
 ``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`` (``N_CTX 2``, ``CTX_INIT "a photo of a"``,
 ``PROMPT_DEPTH 9``); word init for ``n_ctx <= 4`` learns the first ``n_ctx`` tokens of the init
 text and keeps the rest as fixed words (``[SOS][a photo] of a {class}.``); deep text prompts

@@ -13,7 +13,7 @@ normalisation; student logits ``z_s = s_s · f_s @ T_tᵀ`` (Eq. 3) and loss (Eq
 
 Labels are never used (the reference's CE weight is 0).
 
-Matches ``zhengli97/PromptKD`` ``trainers/promptkd.py`` (``reference/METHODS.md`` §6):
+Matches ``zhengli97/PromptKD`` ``trainers/promptkd.py``:
 ``Feature_Trans_Module_two_layer`` (``nn.Conv2d`` 1x1 layers, PyTorch default init, so its
 checkpoint shapes load as they are), ``CustomCLIP`` (student), ``CustomCLIP_teacher`` and
 ``PromptKD.forward_backward``; ``s_s`` is the *student CLIP's* frozen ``logit_scale`` (the

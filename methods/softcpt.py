@@ -15,7 +15,8 @@ of every sample summed over tasks, divided by the batch size (Eq. 8). Here ``tra
 returns the *mean* cross-entropy of one task's batch; the loop weights it by the batch's share
 of the global batch (``orchestrator/loop.py`` ``train_epoch``), which is the same sum.
 
-Matches ``kding1225/softcpt trainers/mtcoop.py`` (``reference/METHODS.md`` §5) with the NATA
+Matches ``kding1225/softcpt trainers/mtcoop.py`` (``TaskPromptLearner``, ``PromptGen``,
+``PromptLearner``, ``CustomCLIP``) with the NATA
 settings of its README (``CLASS_N_CTX 0, CLASS_CSC False, TASK_N_CTX 4, TASK_CSC False,
 N_CTX 16, CSC False, PG_TYPE lin``) and ``configs/trainers/MTCoOp/vit_b16_ep50.yaml``:
 

@@ -7,15 +7,16 @@ entropy is kept (confidence selection), and the entropy of their *average* predi
 minimised (paper Eq. 3-4, ``H(p̃) = −Σ_c p̃_c log p̃_c`` with ``p̃ = 1/(ρN) Σ_selected p``);
 the original is then classified with the tuned context, and the context is reset.
 
-Matches ``azshue/TPT tpt_classification.py`` and ``clip/custom_clip.py`` (``reference/METHODS.md``
-§7): context initialised from ``"a photo of a"`` (4 tokens), class token at the end; a batch of
-``1 + 63`` images (the original first, then the views of :mod:`vlprompt.datasets.views`);
-``int(64 · 0.1) = 6`` lowest-entropy images kept, counted over that whole batch -- the original
-competes like a view -- and chosen once, at the first step (``select_confident_samples``); loss
-``avg_entropy`` (``logsumexp`` of the log-probabilities − ``log N``, clamped at the smallest
-float); ``AdamW(ctx, lr=5e-3)`` with torch's defaults (weight decay 0.01), one step; context and
-optimiser state reset before every test image; the prediction is the original's logits with the
-tuned context. TPT+CoOp (``init_state``) starts from a trained CoOp context instead of the words.
+Matches ``azshue/TPT tpt_classification.py`` (``test_time_tuning``, ``test_time_adapt_eval``) and
+``clip/custom_clip.py`` (``ClipTestTimeTuning``, ``PromptLearner``): context initialised from
+``"a photo of a"`` (4 tokens), class token at the end; a batch of ``1 + 63`` images (the original
+first, then the views of :mod:`vlprompt.datasets.views`); ``int(64 · 0.1) = 6`` lowest-entropy
+images kept, counted over that whole batch -- the original competes like a view -- and chosen once,
+at the first step (``select_confident_samples``); loss ``avg_entropy`` (``logsumexp`` of the
+log-probabilities − ``log N``, clamped at the smallest float); ``AdamW(ctx, lr=5e-3)`` with torch's
+defaults (weight decay 0.01), one step; context and optimiser state reset before every test image;
+the prediction is the original's logits with the tuned context. TPT+CoOp (``init_state``) starts
+from a trained CoOp context instead of the words.
 
 Built on CoOp by composition (``coop.build``): the prompt assembly, text encoding, cached
 evaluation and cross-entropy are CoOp's, not re-typed. The CoOp is *held* like the backbone and

@@ -59,7 +59,7 @@ def test_template_errors(tiny: Backbone, images: Tensor) -> None:
 def test_prompt_ensembles_average_normalised_sentence_features(tiny: Backbone, images: Tensor) -> None:
     from vlprompt.methods.zeroshot import ENSEMBLES
 
-    # CoOp's IMAGENET_TEMPLATES_SELECT, in its order (reference/METHODS.md §0)
+    # CoOp's IMAGENET_TEMPLATES_SELECT (KaiyangZhou/CoOp trainers/imagenet_templates.py), in its order
     assert ENSEMBLES["imagenet7"] == (
         "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
         "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
