@@ -39,9 +39,7 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
     cosine_logits,
     cross_entropy,
     deep_prompt_context,
@@ -52,6 +50,7 @@ from vlprompt.methods.common import (
     vision_prompt_hooks,
 )
 from vlprompt.methods.options import IVLPConfig
+from vlprompt.methods.prompts import PromptEmbeddings, class_prompts
 
 
 def capped_depth(depth: int, blocks: int) -> int:
@@ -64,31 +63,22 @@ class IVLP(nn.Module):
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: TaskClasses,
+        prompts: PromptEmbeddings,
         ctx: Tensor,
         text_deep: nn.ParameterList,
         vision_prompts: nn.ParameterList,
-        fixed: ClassPrompts,
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, prompts.backbone)
+        self.prompts = prompts  # the class prompts' fixed buffers (not persistent)
         self.ctx = nn.Parameter(ctx)  # (n_ctx_text, W_text): layer-0 text context
         self.text_deep = text_deep  # [i - 1]: text prompt of layer i = 1 .. depth_text - 1
         self.vision_prompts = vision_prompts  # [i]: visual prompt of layer i = 0 .. depth_vision - 1
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
 
     def text_features(self, task: str) -> Tensor:
         """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        x = torch.cat([prefix, ctx, suffix], dim=1)
         hook = text_deep_prompt_hook(list(self.text_deep))
-        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+        return self.prompts.text_features(self.ctx, task, layer_hook=hook)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Image features ``(B, D)`` with the visual prompts (the frozen tower when there are none)."""
@@ -124,5 +114,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfi
     device = backbone.device
     text_deep = normal_prompts(depth_text - 1, cfg.n_ctx_text, backbone.text_width, device)
     vision = normal_prompts(depth_vision, cfg.n_ctx_vision, backbone.vision_width, device)
-    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
-    return IVLP(backbone, classes, ctx, text_deep, vision, fixed)
+    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
+    return IVLP(prompts, ctx, text_deep, vision)

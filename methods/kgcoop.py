@@ -39,9 +39,7 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
     cosine_logits,
     cross_entropy,
     hold_backbone,
@@ -51,6 +49,7 @@ from vlprompt.methods.common import (
     text_features_while_unchanged,
 )
 from vlprompt.methods.options import KgCoOpConfig
+from vlprompt.methods.prompts import PromptEmbeddings, class_prompts
 
 
 class KgCoOp(nn.Module):
@@ -58,35 +57,27 @@ class KgCoOp(nn.Module):
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: TaskClasses,
+        prompts: PromptEmbeddings,
         ctx: Tensor,
-        fixed: ClassPrompts,
         targets: Tensor,
         lam: float,
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, prompts.backbone)
+        self.prompts = prompts  # the class prompts' fixed buffers (not persistent)
         self.ctx = nn.Parameter(ctx)  # (n_ctx, W)
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
         self.register_buffer("targets", targets, persistent=False)  # (C, D): normalised w^clip
         self.lam = lam
         self._eval_cache: dict[str, tuple[tuple[int, int], Tensor]] = {}
 
     def text_features(self, task: str) -> Tensor:
         """Learned classifier weights ``(n_cls, D)`` of ``task`` (not normalised)."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        return self.backbone.encode_text_embeddings(torch.cat([prefix, ctx, suffix], dim=1), self.eot[rows])
+        return self.prompts.text_features(self.ctx, task)
 
     def knowledge_loss(self, task: str, text_features: Tensor | None = None) -> Tensor:
         """``L_kg = 1 − mean_i cos(w_i, w_i^clip)`` over ``task``'s classes."""
         text = self.text_features(task) if text_features is None else text_features
-        cos = (F.normalize(text.float(), dim=-1) * self.targets[self.classes.rows(task)]).sum(dim=-1)
+        cos = (F.normalize(text.float(), dim=-1) * self.targets[self.prompts.rows(task)]).sum(dim=-1)
         return 1.0 - cos.mean()
 
     def training_loss(self, batch: Batch) -> Tensor:
@@ -111,5 +102,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: KgCoOpCon
     with torch.no_grad():
         targets = F.normalize(backbone.encode_text(backbone.tokenize(sentences)).float(), dim=-1)
     ctx, prompt_prefix = init_context(backbone, cfg.n_ctx, cfg.ctx_init)
-    fixed = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "kgcoop")
-    return KgCoOp(backbone, classes, ctx, fixed, targets, cfg.lam)
+    prompts = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "kgcoop")
+    return KgCoOp(prompts, ctx, targets, cfg.lam)

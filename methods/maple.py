@@ -39,9 +39,7 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
     cosine_logits,
     cross_entropy,
     deep_prompt_context,
@@ -53,6 +51,7 @@ from vlprompt.methods.common import (
 )
 from vlprompt.methods.ivlp import capped_depth
 from vlprompt.methods.options import MaPLeConfig
+from vlprompt.methods.prompts import PromptEmbeddings, class_prompts
 
 
 class MaPLe(nn.Module):
@@ -60,24 +59,19 @@ class MaPLe(nn.Module):
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: TaskClasses,
+        prompts: PromptEmbeddings,
         ctx: Tensor,
         proj: nn.Linear,
         compound_prompts_text: nn.ParameterList,
         compound_prompt_projections: nn.ModuleList,
-        fixed: ClassPrompts,
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, prompts.backbone)
+        self.prompts = prompts  # the class prompts' fixed buffers (not persistent)
         self.ctx = nn.Parameter(ctx)  # (n_ctx, W_text): P_0
         self.proj = proj  # F_0: W_text -> W_vision
         self.compound_prompts_text = compound_prompts_text  # [i - 1]: P_i, i = 1 .. J-1
         self.compound_prompt_projections = compound_prompt_projections  # [i - 1]: F_i
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
 
     def vision_prompts(self) -> list[Tensor]:
         """``[F_0(P_0), F_1(P_1), ...]``: the visual prompt of each prompted image layer."""
@@ -86,12 +80,8 @@ class MaPLe(nn.Module):
 
     def text_features(self, task: str) -> Tensor:
         """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        x = torch.cat([prefix, ctx, suffix], dim=1)
         hook = text_deep_prompt_hook(list(self.compound_prompts_text))
-        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+        return self.prompts.text_features(self.ctx, task, layer_hook=hook)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Image features ``(B, D)`` with the coupled visual prompts."""
@@ -129,5 +119,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: MaPLeConf
     deep_text = normal_prompts(depth - 1, cfg.n_ctx, width_t, device)
     single = nn.Linear(width_t, width_v).to(device)
     projections = nn.ModuleList([copy.deepcopy(single) for _ in range(depth - 1)])
-    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx, "maple")
-    return MaPLe(backbone, classes, ctx, proj, deep_text, projections, fixed)
+    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx, "maple")
+    return MaPLe(prompts, ctx, proj, deep_text, projections)
