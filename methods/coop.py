@@ -13,7 +13,8 @@ once, its SOS kept as ``token_prefix`` and everything after the context (class t
 padding) as ``token_suffix``; class token at the end, in the middle (context split at
 ``n_ctx // 2``) or in front, using the class names' token counts; the feature is read at the EOS
 position of the tokenised prompt. The prompt plumbing is
-:class:`~vlprompt.methods.prompts.PromptEmbeddings`, shared with the methods built like CoOp.
+:class:`~vlprompt.methods.prompts.PromptEmbeddings`, shared with the methods built like CoOp;
+KgCoOp and TPT hold a CoOp (:func:`hold`).
 
 Deliberate changes:
 
@@ -83,11 +84,36 @@ class CoOp(nn.Module):
         return {"ctx": self.ctx.detach().clone()}
 
 
-def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoOpConfig) -> CoOp:
-    """Initialise the context and tokenise ``"<prefix> <class name>."`` for every class."""
+def build(
+    backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoOpConfig, *, method: str = "coop"
+) -> CoOp:
+    """Initialise the context and tokenise ``"<prefix> <class name>."`` for every class.
+
+    ``method`` names the method in errors, for those built on a CoOp (KgCoOp, TPT).
+    """
     classes = TaskClasses.of(tasks)
     ctx, prompt_prefix = init_context(
         backbone, cfg.n_ctx, cfg.ctx_init, n_rows=len(classes.names) if cfg.csc else None
     )
     n_ctx = int(ctx.shape[-2])
-    return CoOp(class_prompts(backbone, classes, prompt_prefix, n_ctx, "coop", cfg.class_token_position), ctx)
+    return CoOp(class_prompts(backbone, classes, prompt_prefix, n_ctx, method, cfg.class_token_position), ctx)
+
+
+def hold(owner: nn.Module, prompt: CoOp) -> None:
+    """Build ``owner`` on ``prompt`` by composition (not a subclass: the house style allows no
+    inheritance beyond ``nn.Module``). ``owner.coop`` is a plain reference, like the backbone; the
+    CoOp's one parameter is registered as ``owner.ctx`` and its fixed buffers as ``owner.prompts``
+    (so ``.to()`` moves them), so the owner's ``state_dict`` is exactly a generic CoOp checkpoint
+    (``{"ctx"}``) in both directions."""
+    hold_backbone(owner, prompt.backbone)
+    object.__setattr__(owner, "coop", prompt)
+    owner.ctx = prompt.ctx
+    owner.prompts = prompt.prompts
+
+
+def held(owner: nn.Module) -> CoOp:
+    """The CoOp :func:`hold` gave ``owner``, reading ``owner.ctx`` (re-linked if it was replaced)."""
+    prompt: CoOp = owner.coop
+    if prompt.ctx is not owner.ctx:
+        prompt.ctx = owner.ctx
+    return prompt
