@@ -39,6 +39,7 @@ from vlprompt.methods.common import (
     cosine_logits,
     cross_entropy,
     hold_backbone,
+    learned_tensors,
     require_images,
     template_sentences,
 )
@@ -121,7 +122,7 @@ class BiasTuning(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``biases.<tower>_<site>`` tensors."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTuningConfig) -> BiasTuning:

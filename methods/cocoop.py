@@ -52,6 +52,7 @@ from vlprompt.methods.common import (
     hold_backbone,
     image_features,
     init_context,
+    learned_tensors,
 )
 from vlprompt.methods.options import CoCoOpConfig
 from vlprompt.methods.prompts import PromptEmbeddings, class_prompts
@@ -141,7 +142,7 @@ class CoCoOp(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``ctx`` and the Meta-Net's weights (``meta_net.linear1.weight``, ...)."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoCoOpConfig) -> CoCoOp:

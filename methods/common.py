@@ -69,6 +69,12 @@ def hold_backbone(module: nn.Module, backbone: Backbone) -> None:
     object.__setattr__(module, "backbone", backbone)
 
 
+def learned_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of everything in ``module.state_dict()``: the learned state of a method whose
+    state is exactly what it learned (the backbone is held, not owned; fixed buffers are not persistent)."""
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
 def read_saved_state(path: str, what: str) -> object:
     """What ``torch.save`` wrote at ``path``, read without running code (``weights_only``).
 
@@ -230,6 +236,13 @@ def vision_prompt_hooks(prompts: Sequence[Tensor]) -> tuple[EmbedHook | None, La
         return torch.cat([x[:, : x.shape[1] - prompt.shape[1]], prompt], dim=1)
 
     return embed, (layer if len(prompts) > 1 else None)
+
+
+def prompted_image_features(backbone: Backbone, prompts: Sequence[Tensor], images: Tensor) -> Tensor:
+    """Image features ``(B, D)`` (not normalised) with visual ``prompts`` (:func:`vision_prompt_hooks`;
+    none: the frozen tower), for IVLP, MaPLe and PromptKD's student."""
+    embed_hook, layer_hook = vision_prompt_hooks(list(prompts))
+    return backbone.encode_image(images.to(backbone.device), embed_hook=embed_hook, layer_hook=layer_hook)
 
 
 def require_images(method: str, batch: Batch) -> Tensor:

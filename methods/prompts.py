@@ -9,7 +9,7 @@ task prompts) and TPT do the same; :class:`PromptEmbeddings` does it once for al
 A method registers its :class:`PromptEmbeddings` as a submodule, so ``.to()`` moves the buffers, but
 the component owns no parameter and its buffers are not persistent: the method's ``state_dict()`` /
 ``learned_state()`` hold what it learned under its own names (``ctx``, ``task_ctx`` ...), and the
-context is passed in at each call.
+context is passed in at each call. :class:`DeepPrompts` adds the forward IVLP and MaPLe share.
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone, LayerHook
-from vlprompt.methods.common import TaskClasses, hold_backbone
+from vlprompt.methods.common import (
+    TaskClasses,
+    cosine_logits,
+    hold_backbone,
+    prompted_image_features,
+    require_images,
+    text_deep_prompt_hook,
+)
 
 
 class PromptEmbeddings(nn.Module):
@@ -170,3 +178,38 @@ def class_prompts(
                 "class_token_position middle/front needs names that do not merge with the final '.'"
             )
     return prompts
+
+
+class DeepPrompts(nn.Module):
+    """The forward of deep prompts in both towers, shared by IVLP and MaPLe (the MaPLe repository's
+    ``clip/model.py``, ``ResidualAttentionBlock_IVLP`` / ``_MaPLe`` and ``VisionTransformer_MaPLe``).
+
+    Text: the layer-0 context ``ctx`` after SOS in the class prompts; before text block ``i = 1 ..
+    len(deep)`` positions ``1 .. n_ctx`` are replaced by ``deep[i - 1]``. Vision: ``vision[0]`` appended
+    after the positional embedding, ``vision[i]`` replacing it before image block ``i``. Cosine logits.
+    The prompts are passed in, so each method supplies only what differs: IVLP's visual prompts are
+    parameters of their own, MaPLe's are projections of its text prompts.
+    """
+
+    def __init__(self, method: str, prompts: PromptEmbeddings) -> None:
+        super().__init__()
+        hold_backbone(self, prompts.backbone)
+        self.method = method
+        self.prompts = prompts
+
+    def text_features(self, ctx: Tensor, deep: Sequence[Tensor], task: str) -> Tensor:
+        """Text features ``(n_cls, D)`` of ``task``'s classes under the text prompts."""
+        return self.prompts.text_features(ctx, task, layer_hook=text_deep_prompt_hook(list(deep)))
+
+    def image_features(self, vision: Sequence[Tensor], images: Tensor) -> Tensor:
+        """Image features ``(B, D)`` under the visual prompts (the frozen tower when there are none)."""
+        return prompted_image_features(self.backbone, vision, images)
+
+    def logits(self, ctx: Tensor, deep: Sequence[Tensor], vision: Sequence[Tensor], batch: Batch) -> Tensor:
+        """Cosine logits ``(B, n_cls)`` of the batch's images; cached features are refused."""
+        images = require_images(self.method, batch)
+        return cosine_logits(
+            self.image_features(vision, images),
+            self.text_features(ctx, deep, batch.task),
+            self.backbone.logit_scale,
+        )
