@@ -127,15 +127,6 @@ def test_one_step_lowers_the_selected_views_average_entropy(
     assert float(after) < losses[0] / 2
 
 
-def test_backbone_untouched_by_predict(tiny: Backbone, images: Tensor, views: Tensor) -> None:
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    tpt(tiny, steps=3).predict(Batch("pets", images=images[:2], views=views[:2]))
-    after = tiny.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(p.grad is None for p in tiny.parameters())
-    assert not tiny.training
-
-
 def test_state_is_a_coop_checkpoint_and_trains_like_coop(tiny: Backbone, images: Tensor) -> None:
     method = tpt(tiny, {"t": ["cat", "dog", "car", "tree"]})
     assert isinstance(method, Method)
