@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from vlprompt.methods import METHODS, build_method, capabilities
+from vlprompt.methods import METHODS, build_method, capabilities, options
 from vlprompt.methods.base import Batch, Method, count_trainable
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.coop import CoOp
-from vlprompt.methods.options import TestTimeViews
 from vlprompt.methods.tpt import TPT, TPTConfig, average_entropy, select_confident
 
 CLASSES = ["golden_retriever", "airplane", "sea lion", "annual crop land", "x"]
@@ -134,7 +133,8 @@ def test_state_is_a_coop_checkpoint_and_trains_like_coop(tiny: Backbone, images:
     assert set(method.state_dict()) == set(method.learned_state()) == {"ctx"}
     assert count_trainable(method) == 4 * tiny.text_width
     caps = capabilities("tpt")
-    assert caps.test_time_views(TPTConfig(n_views=V, selection_p=0.25)) == TestTimeViews(V, augmix=False)
+    wanted = caps.test_time_views(TPTConfig(n_views=V, selection_p=0.25))
+    assert wanted == options.TestTimeViews(V, augmix=False)
     assert caps.test_time_views(TPTConfig(augmix=True)).augmix is True
     assert caps.frozen_image_tower and caps.token_space_keys == ("ctx",) and not caps.learns
     coop = build_method("coop", tiny, {"t": ["cat", "dog", "car", "tree"]}, {"ctx_init": "a photo of a"})
