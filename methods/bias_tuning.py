@@ -5,7 +5,8 @@ Pre-trained Vision-Language Model", arXiv 2312.11570).
 The paper's analysis splits what a deep prompt does to self-attention into (1) prompt keys
 re-weighting attention and (2) prompt values adding ``Σ_p a_ip v_p`` to every token's update --
 an (input-dependent) *bias*; it finds (2) carries most of the gain and proposes learning biases
-directly, with as many parameters as the prompts they replace (``reference/METHODS.md`` §4).
+directly, with as many parameters as the prompts they replace (read from the paper's abstract: no
+reference code was followed, so the placement below is this file's reading of it).
 
 Here: zero-initialised vectors ``b`` added to the residual stream of chosen blocks, right after
 the attention update (``site="attn"``, the reading closest to the analysis: ``b`` adds to
@@ -38,6 +39,7 @@ from vlprompt.methods.common import (
     cosine_logits,
     cross_entropy,
     hold_backbone,
+    learned_tensors,
     require_images,
     template_sentences,
 )
@@ -120,7 +122,7 @@ class BiasTuning(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``biases.<tower>_<site>`` tensors."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: BiasTuningConfig) -> BiasTuning:

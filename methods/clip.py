@@ -4,11 +4,10 @@ Every method receives one :class:`Backbone` and reads CLIP only through it. The 
 exposes the generic pieces prompt learning needs -- tokenisation that refuses to cut,
 token embeddings, the text tower run from embeddings (with a per-layer hook and causal
 truncation), the image tower, the logit scale, nearest-word decoding -- and never asks
-which method is calling (the MaPLe/PromptKD ``clip/model.py`` forks are what we avoid,
-``/work/shared/STYLE.md``).
+which method is calling (the MaPLe/PromptKD ``clip/model.py`` forks are what we avoid).
 
-Text tower from embeddings follows CoOp's ``TextEncoder`` (``reference/METHODS.md`` §0,
-``KaiyangZhou/CoOp trainers/coop.py``) and open_clip's ``CLIP.encode_text``::
+Text tower from embeddings follows CoOp's ``TextEncoder`` (``KaiyangZhou/CoOp trainers/coop.py``)
+and open_clip's ``CLIP.encode_text``::
 
     x = prompts + positional_embedding; transformer (causal mask); ln_final;
     x[arange, eot] @ text_projection

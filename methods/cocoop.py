@@ -7,14 +7,15 @@ thus gets its own prompts ``[SOS] v_1(x) ... v_M(x) [CLASS] . [EOS]`` for every 
 logits are CLIP's cosine logits against those prompts' text features (the paper's
 ``p(y | x)`` with ``t_i(x)``).
 
-Matches ``KaiyangZhou/CoOp trainers/cocoop.py`` (``PromptLearner``, ``CustomCLIP``;
-``reference/METHODS.md`` §2) and ``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
+Matches ``KaiyangZhou/CoOp trainers/cocoop.py`` (``PromptLearner``, ``CustomCLIP``) and
+``configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml``:
 defaults ``n_ctx=4, ctx_init="a photo of a"``, generic context only, class token at the end;
 Meta-Net ``linear1 Linear(d, d // 16) → ReLU → linear2 Linear(d // 16, ctx_dim)`` with torch's
 default ``nn.Linear`` init, fed the **L2-normalised** image feature (``d`` = the joint
 embedding dimension, 512→32→512 on ViT-B/16); the same ``π`` added to every context token;
 cross-entropy of ``logit_scale · cos``. Only ``ctx`` and the Meta-Net are trained (35,360
-parameters on ViT-B/16).
+parameters on ViT-B/16). The prompts' fixed token embeddings are CoOp's
+(:class:`~vlprompt.methods.prompts.PromptEmbeddings`), paired here with one context per image.
 
 Deliberate changes:
 
@@ -46,15 +47,15 @@ from torch.utils.checkpoint import checkpoint
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
     cross_entropy,
     hold_backbone,
     image_features,
     init_context,
+    learned_tensors,
 )
 from vlprompt.methods.options import CoCoOpConfig
+from vlprompt.methods.prompts import PromptEmbeddings, class_prompts
 
 #: Meta-Net bottleneck: hidden width = image feature dimension // this (reference: 16).
 META_NET_REDUCTION = 16
@@ -80,47 +81,32 @@ def meta_net(vis_dim: int, ctx_dim: int) -> nn.Sequential:
 
 
 class CoCoOp(nn.Module):
-    """The context ``ctx`` and the Meta-Net, plus the fixed token embeddings around the context."""
+    """The context ``ctx`` and the Meta-Net; :attr:`prompts` holds the fixed token embeddings around it."""
 
     def __init__(
-        self,
-        backbone: Backbone,
-        classes: TaskClasses,
-        ctx: Tensor,
-        meta_net: nn.Module,
-        fixed: ClassPrompts,
-        max_prompts_per_pass: int | None,
+        self, prompts: PromptEmbeddings, ctx: Tensor, meta_net: nn.Module, max_prompts_per_pass: int | None
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, prompts.backbone)
+        self.prompts = prompts  # buffers only, none persistent
         self.ctx = nn.Parameter(ctx)  # (n_ctx, W)
         self.meta_net = meta_net
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
-        self.max_prompts_per_pass = max_prompts_per_pass or backbone.text_chunk_size
-
-    @property
-    def n_ctx(self) -> int:
-        return int(self.ctx.shape[0])
+        self.max_prompts_per_pass = max_prompts_per_pass or prompts.backbone.text_chunk_size
 
     def logits(self, batch: Batch) -> Tensor:
         """Logits ``(B, n_cls)``: each image against the prompts conditioned on itself."""
         image = F.normalize(image_features(self.backbone, batch).float(), dim=-1)  # (B, D)
         ctx = self.ctx + self.meta_net(image).unsqueeze(1)  # v_m(x) = v_m + π(x): (B, n_ctx, W)
-        rows = self.classes.rows(batch.task)
-        eot = self.eot[rows]
-        length = int(eot.max()) + 1  # the tower is causal: positions after EOS never matter
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows, : length - 1 - self.n_ctx]
-        text = F.normalize(self._encode_pairs(ctx, prefix, suffix, eot).float(), dim=-1)  # (B, C, D)
+        rows = self.prompts.rows(batch.task)
+        text = F.normalize(self._encode_pairs(ctx, rows).float(), dim=-1)  # (B, C, D)
         return self.backbone.logit_scale * torch.einsum("bd,bcd->bc", image, text)
 
-    def _encode_pairs(self, ctx: Tensor, prefix: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+    def _encode_pairs(self, ctx: Tensor, rows: slice) -> Tensor:
         """Text features ``(B, C, D)`` of every (image, class) prompt, in bounded passes."""
-        n_images, n_cls = ctx.shape[0], prefix.shape[0]
+        n_images, n_cls = ctx.shape[0], rows.stop - rows.start
+        length = int(self.prompts.eot[rows].max()) + 1  # the tower is causal: later positions never matter
         total, budget = n_images * n_cls, self.max_prompts_per_pass
-        args = (ctx, prefix, suffix, eot)
+        args = (ctx, rows.start, n_cls, length)
         if total <= budget:
             return self._encode_span(0, total, *args).view(n_images, n_cls, -1)
         # Keep only each pass's output, re-running the pass in backward: memory ~ one pass.
@@ -139,13 +125,13 @@ class CoCoOp(nn.Module):
         return torch.cat(parts).view(n_images, n_cls, -1)
 
     def _encode_span(
-        self, start: int, stop: int, ctx: Tensor, prefix: Tensor, suffix: Tensor, eot: Tensor
+        self, start: int, stop: int, ctx: Tensor, first_row: int, n_cls: int, length: int
     ) -> Tensor:
         """Prompts ``start:stop`` of the image-major (image, class) list, encoded in one pass."""
         pairs = torch.arange(start, stop, device=ctx.device)
-        image, cls = pairs // prefix.shape[0], pairs % prefix.shape[0]
-        x = torch.cat([prefix[cls], ctx[image], suffix[cls]], dim=1)
-        return self.backbone.encode_text_embeddings(x, eot[cls], chunk_size=stop - start)
+        image, row = pairs // n_cls, first_row + pairs % n_cls
+        x = self.prompts.embed(ctx[image], row, length)
+        return self.backbone.encode_text_embeddings(x, self.prompts.eot[row], chunk_size=stop - start)
 
     def training_loss(self, batch: Batch) -> Tensor:
         return cross_entropy(self.logits(batch), batch.labels)
@@ -156,7 +142,7 @@ class CoCoOp(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``ctx`` and the Meta-Net's weights (``meta_net.linear1.weight``, ...)."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoCoOpConfig) -> CoCoOp:
@@ -164,5 +150,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: CoCoOpCon
     classes = TaskClasses.of(tasks)
     ctx, prompt_prefix = init_context(backbone, cfg.n_ctx, cfg.ctx_init)
     net = meta_net(backbone.embed_dim, backbone.text_width).to(backbone.device)
-    fixed = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "cocoop")
-    return CoCoOp(backbone, classes, ctx, net, fixed, cfg.max_prompts_per_pass)
+    prompts = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "cocoop")
+    return CoCoOp(prompts, ctx, net, cfg.max_prompts_per_pass)

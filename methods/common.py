@@ -69,6 +69,12 @@ def hold_backbone(module: nn.Module, backbone: Backbone) -> None:
     object.__setattr__(module, "backbone", backbone)
 
 
+def learned_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of everything in ``module.state_dict()``: the learned state of a method whose
+    state is exactly what it learned (the backbone is held, not owned; fixed buffers are not persistent)."""
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
 def read_saved_state(path: str, what: str) -> object:
     """What ``torch.save`` wrote at ``path``, read without running code (``weights_only``).
 
@@ -119,71 +125,6 @@ def init_context(
     shape = (n_ctx, backbone.text_width) if n_rows is None else (n_rows, n_ctx, backbone.text_width)
     vectors = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
     return vectors.to(backbone.device), " ".join(["X"] * n_ctx)
-
-
-@dataclass(frozen=True)
-class ClassPrompts:
-    """The fixed token embeddings around the context slots of ``"<prefix> <class name>."``.
-
-    One row per class of :class:`TaskClasses`; the learnable context goes between
-    ``prefix`` and ``suffix`` (CoOp ``PromptLearner``'s ``token_prefix``/``token_suffix``).
-    """
-
-    prefix: Tensor
-    """``(C, 1, W)``: the start-of-text embedding."""
-    suffix: Tensor
-    """``(C, L - 1 - n_ctx, W)``: class-name tokens, ``"."``, end-of-text, padding."""
-    eot: Tensor
-    """``(C,)``: end-of-text position in each prompt."""
-    name_lens: tuple[int, ...]
-    """BPE tokens of each class name alone."""
-
-
-def class_prompts(
-    backbone: Backbone, classes: TaskClasses, prompt_prefix: str, n_ctx: int, method: str
-) -> ClassPrompts:
-    """Tokenise ``"<prompt_prefix> <class name>."`` for every class and keep the embeddings
-    around its ``n_ctx`` context positions (CoOp ``PromptLearner.__init__``).
-
-    A prompt that does not fit the context length is a ``ValueError`` naming the class and
-    ``method``, where the reference's tokenizer silently cuts it.
-    """
-
-    def too_long(row: int, name: str, name_len: int, limit: int) -> str:
-        return (
-            f"{method}: class name {name!r} (task {classes.task_of_row(row)!r}) is {name_len} tokens; "
-            f"with {n_ctx} context tokens, start/end tokens and '.' its prompt needs "
-            f"{n_ctx + name_len + 3} positions but {backbone.name} has {limit}. "
-            "Shorten the class name or lower n_ctx."
-        )
-
-    return sentence_prompts(backbone, classes.names, prompt_prefix, n_ctx, too_long)
-
-
-def sentence_prompts(
-    backbone: Backbone,
-    names: Sequence[str],
-    prompt_prefix: str,
-    n_ctx: int,
-    too_long: Callable[[int, str, int, int], str],
-) -> ClassPrompts:
-    """:func:`class_prompts` for any names (SoftCPT's task names too): ``"<prompt_prefix> <name>."``
-    tokenised, the embeddings around its ``n_ctx`` context positions kept. A sentence longer
-    than the context is a ``ValueError`` with ``too_long(index, name, name tokens, limit)``."""
-    limit = backbone.context_length
-    name_lens = tuple(backbone.num_tokens(name) for name in names)
-    for index, (name, name_len) in enumerate(zip(names, name_lens, strict=True)):
-        if n_ctx + name_len + 3 > limit:
-            raise ValueError(too_long(index, name, name_len, limit))
-    ids = backbone.tokenize([f"{prompt_prefix} {name}." for name in names])
-    with torch.no_grad():
-        embedding = backbone.token_embedding(ids).float()
-    return ClassPrompts(
-        prefix=embedding[:, :1].clone(),
-        suffix=embedding[:, 1 + n_ctx :].clone(),
-        eot=backbone.eot_positions(ids),
-        name_lens=name_lens,
-    )
 
 
 def image_features(backbone: Backbone, batch: Batch) -> Tensor:
@@ -295,6 +236,13 @@ def vision_prompt_hooks(prompts: Sequence[Tensor]) -> tuple[EmbedHook | None, La
         return torch.cat([x[:, : x.shape[1] - prompt.shape[1]], prompt], dim=1)
 
     return embed, (layer if len(prompts) > 1 else None)
+
+
+def prompted_image_features(backbone: Backbone, prompts: Sequence[Tensor], images: Tensor) -> Tensor:
+    """Image features ``(B, D)`` (not normalised) with visual ``prompts`` (:func:`vision_prompt_hooks`;
+    none: the frozen tower), for IVLP, MaPLe and PromptKD's student."""
+    embed_hook, layer_hook = vision_prompt_hooks(list(prompts))
+    return backbone.encode_image(images.to(backbone.device), embed_hook=embed_hook, layer_hook=layer_hook)
 
 
 def require_images(method: str, batch: Batch) -> Tensor:

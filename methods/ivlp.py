@@ -9,13 +9,15 @@ own learned prompt. Vision: ``n_ctx_vision`` prompt tokens appended after the po
 replaced by that layer's prompt. The two towers' prompts are independent (no coupling); the image
 feature is read at the class token as usual; logits are CLIP's cosine logits, loss cross-entropy.
 
-Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/independentVL.py`` and
-``clip/model.py`` (``ResidualAttentionBlock_IVLP``, ``VisionTransformer``; ``reference/METHODS.md``
-§3): defaults of ``configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2 text + 2 vision
-tokens, depth 12/12, ``ctx_init "a photo of a"``: 30,720 parameters on ViT-B/16; the PromptSRC
-4+4 depth 9/9 config gives 46,080); word init only for ``n_ctx_text <= 4`` with the whole init
-text kept in the prompt (:func:`~vlprompt.methods.common.deep_prompt_context`); every deep and
-visual prompt N(0, 0.02²); prompts carry no positional embedding.
+Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/independentVL.py``
+(``VLPromptLearner``, ``CustomCLIP``) and ``clip/model.py`` (``ResidualAttentionBlock_IVLP``,
+``VisionTransformer``): defaults of ``configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml`` (2
+text + 2 vision tokens, depth 12/12, ``ctx_init "a photo of a"``: 30,720 parameters on ViT-B/16; the
+PromptSRC 4+4 depth 9/9 config gives 46,080); word init only for ``n_ctx_text <= 4`` with the whole
+init text kept in the prompt (:func:`~vlprompt.methods.common.deep_prompt_context`); every deep and
+visual prompt N(0, 0.02²); prompts carry no positional embedding. The forward is
+:class:`~vlprompt.methods.prompts.DeepPrompts`, shared with MaPLe; IVLP supplies its own visual
+prompts.
 
 Deliberate changes:
 
@@ -39,19 +41,15 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
-    cosine_logits,
     cross_entropy,
     deep_prompt_context,
     hold_backbone,
+    learned_tensors,
     normal_prompts,
-    require_images,
-    text_deep_prompt_hook,
-    vision_prompt_hooks,
 )
 from vlprompt.methods.options import IVLPConfig
+from vlprompt.methods.prompts import DeepPrompts, class_prompts
 
 
 def capped_depth(depth: int, blocks: int) -> int:
@@ -60,48 +58,28 @@ def capped_depth(depth: int, blocks: int) -> int:
 
 
 class IVLP(nn.Module):
-    """Layer-0 text context, deep text prompts and per-layer visual prompts."""
+    """Layer-0 text context, deep text prompts and per-layer visual prompts, all free."""
 
     def __init__(
-        self,
-        backbone: Backbone,
-        classes: TaskClasses,
-        ctx: Tensor,
-        text_deep: nn.ParameterList,
-        vision_prompts: nn.ParameterList,
-        fixed: ClassPrompts,
+        self, towers: DeepPrompts, ctx: Tensor, text_deep: nn.ParameterList, vision_prompts: nn.ParameterList
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, towers.backbone)
+        self.towers = towers  # the shared forward and the class prompts' fixed buffers (not persistent)
         self.ctx = nn.Parameter(ctx)  # (n_ctx_text, W_text): layer-0 text context
         self.text_deep = text_deep  # [i - 1]: text prompt of layer i = 1 .. depth_text - 1
         self.vision_prompts = vision_prompts  # [i]: visual prompt of layer i = 0 .. depth_vision - 1
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
 
     def text_features(self, task: str) -> Tensor:
         """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        x = torch.cat([prefix, ctx, suffix], dim=1)
-        hook = text_deep_prompt_hook(list(self.text_deep))
-        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+        return self.towers.text_features(self.ctx, self.text_deep, task)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Image features ``(B, D)`` with the visual prompts (the frozen tower when there are none)."""
-        embed_hook, layer_hook = vision_prompt_hooks(list(self.vision_prompts))
-        return self.backbone.encode_image(
-            images.to(self.backbone.device), embed_hook=embed_hook, layer_hook=layer_hook
-        )
+        return self.towers.image_features(self.vision_prompts, images)
 
     def logits(self, batch: Batch) -> Tensor:
-        images = require_images("ivlp", batch)
-        return cosine_logits(
-            self.image_features(images), self.text_features(batch.task), self.backbone.logit_scale
-        )
+        return self.towers.logits(self.ctx, self.text_deep, self.vision_prompts, batch)
 
     def training_loss(self, batch: Batch) -> Tensor:
         return cross_entropy(self.logits(batch), batch.labels)
@@ -112,7 +90,7 @@ class IVLP(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``ctx``, ``text_deep.<k>`` and ``vision_prompts.<k>``."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfig) -> IVLP:
@@ -124,5 +102,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfi
     device = backbone.device
     text_deep = normal_prompts(depth_text - 1, cfg.n_ctx_text, backbone.text_width, device)
     vision = normal_prompts(depth_vision, cfg.n_ctx_vision, backbone.vision_width, device)
-    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
-    return IVLP(backbone, classes, ctx, text_deep, vision, fixed)
+    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
+    return IVLP(DeepPrompts("ivlp", prompts), ctx, text_deep, vision)

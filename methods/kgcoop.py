@@ -5,13 +5,16 @@ CoOp's learned prompts, kept close to the hand-crafted ones: besides cross-entro
 penalises the distance between each class's learned text feature ``w_i`` and the frozen
 feature ``w_i^clip`` of the dataset's hand-crafted template, ``L = L_ce + λ · L_kg``.
 
-Matches ``htyao89/KgCoOp KgCoOp/trainers/kgcoop.py`` (``reference/METHODS.md`` §9) and its
-``vit_b16_ep100_ctxv1`` setup: a generic CoOp context initialised from ``"a photo of a"``
-(4 tokens), class token at the end, only ``ctx`` trained (2,048 parameters on ViT-B/16);
-targets = L2-normalised CLIP text features of ``template.format(class name)`` computed once
-at build; ``L_kg = 1 − mean_i cos(w_i, w_i^clip)`` (the code's form; the paper writes the
-squared distance of unit vectors, ``2 (1 − cos)``) with ``λ = 8`` (``TRAINER.COOP.W`` in
-``scripts/run.sh``); prediction uses the learned prompts only.
+Matches ``htyao89/KgCoOp KgCoOp/trainers/kgcoop.py`` and its ``vit_b16_ep100_ctxv1`` setup: a
+generic CoOp context initialised from ``"a photo of a"`` (4 tokens), class token at the end, only
+``ctx`` trained (2,048 parameters on ViT-B/16); targets = L2-normalised CLIP text features of
+``template.format(class name)`` computed once at build; ``L_kg = 1 − mean_i cos(w_i, w_i^clip)``
+(the code's form; the paper writes the squared distance of unit vectors, ``2 (1 − cos)``) with
+``λ = 8`` (``TRAINER.COOP.W`` in ``scripts/run.sh``); prediction uses the learned prompts only.
+
+Built on CoOp by composition (``coop.build``, held as TPT holds it): the prompt assembly, text
+encoding, cached evaluation and logits are CoOp's; KgCoOp adds the frozen targets and the knowledge
+term. Its state is exactly a generic CoOp checkpoint (``{"ctx"}``).
 
 Deliberate changes:
 
@@ -37,80 +40,52 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlprompt.methods import coop
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
-from vlprompt.methods.common import (
-    ClassPrompts,
-    TaskClasses,
-    class_prompts,
-    cosine_logits,
-    cross_entropy,
-    hold_backbone,
-    image_features,
-    init_context,
-    template_sentences,
-    text_features_while_unchanged,
-)
+from vlprompt.methods.common import TaskClasses, cross_entropy, template_sentences
 from vlprompt.methods.options import KgCoOpConfig
 
 
 class KgCoOp(nn.Module):
-    """The context ``ctx``, the fixed token embeddings around it and the frozen targets."""
+    """A CoOp context ``ctx`` and the frozen hand-crafted targets it is kept near."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        classes: TaskClasses,
-        ctx: Tensor,
-        fixed: ClassPrompts,
-        targets: Tensor,
-        lam: float,
-    ) -> None:
+    def __init__(self, prompt: coop.CoOp, targets: Tensor, lam: float) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
-        self.ctx = nn.Parameter(ctx)  # (n_ctx, W)
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
+        coop.hold(self, prompt)  # self.coop (held), its self.ctx and self.prompts (registered)
         self.register_buffer("targets", targets, persistent=False)  # (C, D): normalised w^clip
         self.lam = lam
-        self._eval_cache: dict[str, tuple[tuple[int, int], Tensor]] = {}
 
     def text_features(self, task: str) -> Tensor:
         """Learned classifier weights ``(n_cls, D)`` of ``task`` (not normalised)."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        return self.backbone.encode_text_embeddings(torch.cat([prefix, ctx, suffix], dim=1), self.eot[rows])
+        return coop.held(self).text_features(task)
 
     def knowledge_loss(self, task: str, text_features: Tensor | None = None) -> Tensor:
         """``L_kg = 1 − mean_i cos(w_i, w_i^clip)`` over ``task``'s classes."""
         text = self.text_features(task) if text_features is None else text_features
-        cos = (F.normalize(text.float(), dim=-1) * self.targets[self.classes.rows(task)]).sum(dim=-1)
+        cos = (F.normalize(text.float(), dim=-1) * self.targets[self.prompts.rows(task)]).sum(dim=-1)
         return 1.0 - cos.mean()
 
     def training_loss(self, batch: Batch) -> Tensor:
         text = self.text_features(batch.task)
-        logits = cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
+        logits = coop.held(self).logits(batch, text)
         return cross_entropy(logits, batch.labels) + self.lam * self.knowledge_loss(batch.task, text)
 
-    @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        text = text_features_while_unchanged(self._eval_cache, self.ctx, batch.task, self.text_features)
-        return cosine_logits(image_features(self.backbone, batch), text, self.backbone.logit_scale)
+        """CoOp's prediction (under ``no_grad``, text features cached while ``ctx`` is unchanged)."""
+        return coop.held(self).predict(batch)
 
     def learned_state(self) -> dict[str, Tensor]:
         """Only ``ctx`` -- the same key and shape as a generic CoOp checkpoint."""
-        return {"ctx": self.ctx.detach().clone()}
+        return coop.held(self).learned_state()
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: KgCoOpConfig) -> KgCoOp:
-    """Initialise the context, tokenise the prompts and encode the hand-crafted targets once."""
-    classes = TaskClasses.of(tasks)
-    sentences = template_sentences("kgcoop", classes, cfg.template, cfg.templates)
+    """Encode the hand-crafted targets once, then CoOp's context and prompts (generic, class at the end)."""
+    sentences = template_sentences("kgcoop", TaskClasses.of(tasks), cfg.template, cfg.templates)
     with torch.no_grad():
         targets = F.normalize(backbone.encode_text(backbone.tokenize(sentences)).float(), dim=-1)
-    ctx, prompt_prefix = init_context(backbone, cfg.n_ctx, cfg.ctx_init)
-    fixed = class_prompts(backbone, classes, prompt_prefix, int(ctx.shape[0]), "kgcoop")
-    return KgCoOp(backbone, classes, ctx, fixed, targets, cfg.lam)
+    prompt = coop.build(
+        backbone, tasks, coop.CoOpConfig(n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init), method="kgcoop"
+    )
+    return KgCoOp(prompt, targets, cfg.lam)

@@ -9,14 +9,15 @@ coupling function"). ``P̃_0`` is appended to the image tokens after the positio
 ``P̃_i`` replaces them before image block ``i``. Cosine logits, cross-entropy.
 
 Matches ``muzairkhattak/multimodal-prompt-learning`` ``trainers/maple.py``
-(``MultiModalPromptLearner``) and ``clip/model.py`` (``ResidualAttentionBlock_MaPLe``,
-``VisionTransformer_MaPLe``; ``reference/METHODS.md`` §3): defaults of
+(``MultiModalPromptLearner``, ``CustomCLIP``) and ``clip/model.py`` (``ResidualAttentionBlock_MaPLe``,
+``VisionTransformer_MaPLe``): defaults of
 ``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`` (``N_CTX 2``, ``CTX_INIT "a photo of a"``,
 ``PROMPT_DEPTH 9``); word init for ``n_ctx <= 4`` learns the first ``n_ctx`` tokens of the init
 text and keeps the rest as fixed words (``[SOS][a photo] of a {class}.``); deep text prompts
 N(0, 0.02²); ``proj`` (layer 0) and the ``J-1`` deep projections are ``nn.Linear`` with torch's
 default init, the deep ones deep copies of **one** initialised layer (``_get_clones``), so they
-start equal. Parameters on ViT-B/16 (n_ctx 2, J 9): 3,555,072.
+start equal. Parameters on ViT-B/16 (n_ctx 2, J 9): 3,555,072. The forward is IVLP's
+(:class:`~vlprompt.methods.prompts.DeepPrompts`); MaPLe supplies the coupled visual prompts.
 
 Deliberate changes:
 
@@ -39,20 +40,16 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
-    cosine_logits,
     cross_entropy,
     deep_prompt_context,
     hold_backbone,
+    learned_tensors,
     normal_prompts,
-    require_images,
-    text_deep_prompt_hook,
-    vision_prompt_hooks,
 )
 from vlprompt.methods.ivlp import capped_depth
 from vlprompt.methods.options import MaPLeConfig
+from vlprompt.methods.prompts import DeepPrompts, class_prompts
 
 
 class MaPLe(nn.Module):
@@ -60,24 +57,19 @@ class MaPLe(nn.Module):
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: TaskClasses,
+        towers: DeepPrompts,
         ctx: Tensor,
         proj: nn.Linear,
         compound_prompts_text: nn.ParameterList,
         compound_prompt_projections: nn.ModuleList,
-        fixed: ClassPrompts,
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
+        hold_backbone(self, towers.backbone)
+        self.towers = towers  # the shared forward and the class prompts' fixed buffers (not persistent)
         self.ctx = nn.Parameter(ctx)  # (n_ctx, W_text): P_0
         self.proj = proj  # F_0: W_text -> W_vision
         self.compound_prompts_text = compound_prompts_text  # [i - 1]: P_i, i = 1 .. J-1
         self.compound_prompt_projections = compound_prompt_projections  # [i - 1]: F_i
-        self.register_buffer("token_prefix", fixed.prefix, persistent=False)  # (C, 1, W): SOS
-        self.register_buffer("token_suffix", fixed.suffix, persistent=False)  # (C, L-1-n_ctx, W)
-        self.register_buffer("eot", fixed.eot, persistent=False)  # (C,)
 
     def vision_prompts(self) -> list[Tensor]:
         """``[F_0(P_0), F_1(P_1), ...]``: the visual prompt of each prompted image layer."""
@@ -86,25 +78,14 @@ class MaPLe(nn.Module):
 
     def text_features(self, task: str) -> Tensor:
         """Text features ``(n_cls, D)`` of ``task``'s classes under the current prompts."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        x = torch.cat([prefix, ctx, suffix], dim=1)
-        hook = text_deep_prompt_hook(list(self.compound_prompts_text))
-        return self.backbone.encode_text_embeddings(x, self.eot[rows], layer_hook=hook)
+        return self.towers.text_features(self.ctx, self.compound_prompts_text, task)
 
     def image_features(self, images: Tensor) -> Tensor:
         """Image features ``(B, D)`` with the coupled visual prompts."""
-        embed_hook, layer_hook = vision_prompt_hooks(self.vision_prompts())
-        return self.backbone.encode_image(
-            images.to(self.backbone.device), embed_hook=embed_hook, layer_hook=layer_hook
-        )
+        return self.towers.image_features(self.vision_prompts(), images)
 
     def logits(self, batch: Batch) -> Tensor:
-        images = require_images("maple", batch)
-        return cosine_logits(
-            self.image_features(images), self.text_features(batch.task), self.backbone.logit_scale
-        )
+        return self.towers.logits(self.ctx, self.compound_prompts_text, self.vision_prompts(), batch)
 
     def training_loss(self, batch: Batch) -> Tensor:
         return cross_entropy(self.logits(batch), batch.labels)
@@ -115,7 +96,7 @@ class MaPLe(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``ctx``, ``proj.*``, ``compound_prompts_text.<k>``, ``compound_prompt_projections.<k>.*``."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: MaPLeConfig) -> MaPLe:
@@ -129,5 +110,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: MaPLeConf
     deep_text = normal_prompts(depth - 1, cfg.n_ctx, width_t, device)
     single = nn.Linear(width_t, width_v).to(device)
     projections = nn.ModuleList([copy.deepcopy(single) for _ in range(depth - 1)])
-    fixed = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx, "maple")
-    return MaPLe(backbone, classes, ctx, proj, deep_text, projections, fixed)
+    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx, "maple")
+    return MaPLe(DeepPrompts("maple", prompts), ctx, proj, deep_text, projections)

@@ -1,5 +1,5 @@
 """Bias tuning with as many trainable parameters as a prompt configuration (arXiv 2312.11570's
-comparison "in the same parameter settings"; ``reference/METHODS.md`` §4).
+comparison "in the same parameter settings").
 
 Both counts are taken from **built modules** (:func:`count_pair`), never from formulas; the
 formulas below only propose a candidate.

@@ -13,7 +13,7 @@ normalisation; student logits ``z_s = s_s · f_s @ T_tᵀ`` (Eq. 3) and loss (Eq
 
 Labels are never used (the reference's CE weight is 0).
 
-Matches ``zhengli97/PromptKD`` ``trainers/promptkd.py`` (``reference/METHODS.md`` §6):
+Matches ``zhengli97/PromptKD`` ``trainers/promptkd.py``:
 ``Feature_Trans_Module_two_layer`` (``nn.Conv2d`` 1x1 layers, PyTorch default init, so its
 checkpoint shapes load as they are), ``CustomCLIP`` (student), ``CustomCLIP_teacher`` and
 ``PromptKD.forward_backward``; ``s_s`` is the *student CLIP's* frozen ``logit_scale`` (the
@@ -58,10 +58,11 @@ from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.methods.common import (
     TaskClasses,
     hold_backbone,
+    learned_tensors,
     normal_prompts,
+    prompted_image_features,
     read_saved_state,
     require_images,
-    vision_prompt_hooks,
 )
 from vlprompt.methods.ivlp import capped_depth
 from vlprompt.methods.options import PromptKDConfig
@@ -162,10 +163,7 @@ class PromptKD(nn.Module):
 
     def image_features(self, images: Tensor) -> Tensor:
         """Normalised student features ``(B, D_t)``: prompted image tower → projector."""
-        embed_hook, layer_hook = vision_prompt_hooks(list(self.vision_prompts))
-        feats = self.backbone.encode_image(
-            images.to(self.backbone.device), embed_hook=embed_hook, layer_hook=layer_hook
-        )
+        feats = prompted_image_features(self.backbone, self.vision_prompts, images)
         return F.normalize(self.projector(feats.float()), dim=-1)
 
     def logits(self, images: Tensor, task: str) -> Tensor:
@@ -196,7 +194,7 @@ class PromptKD(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """``vision_prompts.<k>`` and ``projector.*`` (BatchNorm running statistics included)."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items()}
+        return learned_tensors(self)
 
 
 def build_teacher(

@@ -15,7 +15,8 @@ of every sample summed over tasks, divided by the batch size (Eq. 8). Here ``tra
 returns the *mean* cross-entropy of one task's batch; the loop weights it by the batch's share
 of the global batch (``orchestrator/loop.py`` ``train_epoch``), which is the same sum.
 
-Matches ``kding1225/softcpt trainers/mtcoop.py`` (``reference/METHODS.md`` §5) with the NATA
+Matches ``kding1225/softcpt trainers/mtcoop.py`` (``TaskPromptLearner``, ``PromptGen``,
+``PromptLearner``, ``CustomCLIP``) with the NATA
 settings of its README (``CLASS_N_CTX 0, CLASS_CSC False, TASK_N_CTX 4, TASK_CSC False,
 N_CTX 16, CSC False, PG_TYPE lin``) and ``configs/trainers/MTCoOp/vit_b16_ep50.yaml``:
 
@@ -30,6 +31,9 @@ N_CTX 16, CSC False, PG_TYPE lin``) and ``configs/trainers/MTCoOp/vit_b16_ep50.y
   end, the generated context spliced in after SOS; ``TextEncoder``: features at the EOS token.
 * ``CustomCLIP.forward``: the task prompts of *all* tasks are encoded at every forward pass, then
   the class prompts; only ``task_ctx`` and ``proj`` are trained (4,196,352 scalars on ViT-B/16).
+
+Task prompts and class prompts are both CoOp's prompt plumbing
+(:class:`~vlprompt.methods.prompts.PromptEmbeddings`): a context spliced after SOS of fixed tokens.
 
 Deliberate changes:
 
@@ -67,19 +71,17 @@ from torch import Tensor, nn
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import (
-    ClassPrompts,
     TaskClasses,
-    class_prompts,
     clean_classname,
     cosine_logits,
     cross_entropy,
     hold_backbone,
     image_features,
     init_context,
-    sentence_prompts,
     text_features_while_unchanged,
 )
 from vlprompt.methods.options import SoftCPTConfig
+from vlprompt.methods.prompts import PromptEmbeddings, class_prompts, sentence_prompts
 
 
 def task_name(task: str, task_names: Mapping[str, str]) -> str:
@@ -88,7 +90,9 @@ def task_name(task: str, task_names: Mapping[str, str]) -> str:
     return clean_classname(task_names.get(task, task.rsplit("/", 1)[-1])).strip()
 
 
-def task_prompts(backbone: Backbone, names: Sequence[str], prompt_prefix: str, n_ctx: int) -> ClassPrompts:
+def task_prompts(
+    backbone: Backbone, names: Sequence[str], prompt_prefix: str, n_ctx: int
+) -> PromptEmbeddings:
     """Tokenise ``"<prompt_prefix> <task name>."`` per task and keep the embeddings around its
     ``n_ctx`` context positions (SOS; name, ".", EOS, padding)."""
 
@@ -103,54 +107,40 @@ def task_prompts(backbone: Backbone, names: Sequence[str], prompt_prefix: str, n
 
 
 class SoftCPT(nn.Module):
-    """The shared task context ``task_ctx`` and the generator ``proj``, plus the fixed token
-    embeddings of the task prompts and the class prompts."""
+    """The shared task context ``task_ctx`` and the generator ``proj``; the fixed token embeddings of
+    the task prompts and of the class prompts are :attr:`task_prompts` and :attr:`prompts`."""
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: TaskClasses,
-        names: Sequence[str],
+        task_prompts: PromptEmbeddings,
         task_ctx: Tensor,
-        task_fixed: ClassPrompts,
         proj: Tensor,
-        class_fixed: ClassPrompts,
-        n_ctx: int,
+        prompts: PromptEmbeddings,
+        task_names: Mapping[str, str],
     ) -> None:
         super().__init__()
-        hold_backbone(self, backbone)
-        self.classes = classes
-        self.tasks = tuple(classes.spans)
-        self.task_names = tuple(names)  # natural-language name of each task, in ``tasks`` order
-        self.n_ctx = n_ctx
+        hold_backbone(self, prompts.backbone)
+        self.tasks = tuple(task_names)  # task keys, in the order of the task prompts' rows
+        self.task_names = tuple(task_names.values())  # natural-language name of each task, same order
         self.task_ctx = nn.Parameter(task_ctx)  # (task_n_ctx, W), shared by all tasks
         self.proj = nn.Parameter(proj)  # (D, n_ctx * W): PromptGen "lin"
-        self.register_buffer("task_prefix", task_fixed.prefix, persistent=False)  # (T, 1, W)
-        self.register_buffer("task_suffix", task_fixed.suffix, persistent=False)  # (T, L-1-m, W)
-        self.register_buffer("task_eot", task_fixed.eot, persistent=False)  # (T,)
-        self.register_buffer("token_prefix", class_fixed.prefix, persistent=False)  # (C, 1, W)
-        self.register_buffer("token_suffix", class_fixed.suffix, persistent=False)  # (C, L-1-M, W)
-        self.register_buffer("eot", class_fixed.eot, persistent=False)  # (C,)
+        self.task_prompts = task_prompts  # (T rows) buffers only, none persistent
+        self.prompts = prompts  # (C rows) buffers only, none persistent
         self._eval_cache: dict[str, tuple[tuple[int, ...], Tensor]] = {}
 
     def task_features(self) -> Tensor:
         """Task features ``t_k`` ``(T, D)`` of every task (not normalised), from the task prompts."""
-        ctx = self.task_ctx.unsqueeze(0).expand(len(self.tasks), -1, -1)
-        x = torch.cat([self.task_prefix, ctx, self.task_suffix], dim=1)
-        return self.backbone.encode_text_embeddings(x, self.task_eot)
+        return self.task_prompts.text_features(self.task_ctx)
 
     def contexts(self) -> Tensor:
         """Generated class-prompt contexts ``(T, n_ctx, W)``: ``ctx_k = reshape(t_k @ proj)``."""
         generated = self.task_features().float() @ self.proj
-        return generated.reshape(len(self.tasks), self.n_ctx, -1)
+        return generated.reshape(len(self.tasks), self.prompts.n_ctx, -1)
 
     def text_features(self, task: str) -> Tensor:
         """Classifier weights ``(n_cls, D)`` of ``task`` (not normalised)."""
-        rows = self.classes.rows(task)
-        prefix, suffix = self.token_prefix[rows], self.token_suffix[rows]
-        ctx = self.contexts()[self.tasks.index(task)]
-        ctx = ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1)
-        return self.backbone.encode_text_embeddings(torch.cat([prefix, ctx, suffix], dim=1), self.eot[rows])
+        self.prompts.rows(task)  # an unknown task is a ValueError naming the known ones, before any work
+        return self.prompts.text_features(self.contexts()[self.tasks.index(task)], task)
 
     def training_loss(self, batch: Batch) -> Tensor:
         """Mean cross-entropy over the batch's task's classes (the loop makes Eq. 8's sum)."""
@@ -174,22 +164,13 @@ class SoftCPT(nn.Module):
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: SoftCPTConfig) -> SoftCPT:
     """Name the tasks, initialise the task context then the generator, tokenise all prompts."""
     classes = TaskClasses.of(tasks)
-    names = [task_name(task, cfg.task_names) for task in classes.spans]
-    for task, name in zip(classes.spans, names, strict=True):
+    names = {task: task_name(task, cfg.task_names) for task in classes.spans}
+    for task, name in names.items():
         if not name:
             raise ValueError(f"softcpt: task {task!r} has an empty name; set method.task_names[{task!r}]")
     task_ctx, task_prefix = init_context(backbone, cfg.task_n_ctx, cfg.task_ctx_init)
     task_n_ctx = int(task_ctx.shape[0])
-    task_fixed = task_prompts(backbone, names, task_prefix, task_n_ctx)
+    task_fixed = task_prompts(backbone, list(names.values()), task_prefix, task_n_ctx)
     proj = torch.empty(backbone.embed_dim, cfg.n_ctx * backbone.text_width).normal_(0.0, 0.02)
-    class_fixed = class_prompts(backbone, classes, " ".join(["X"] * cfg.n_ctx), cfg.n_ctx, "softcpt")
-    return SoftCPT(
-        backbone,
-        classes,
-        names,
-        task_ctx,
-        task_fixed,
-        proj.to(backbone.device),
-        class_fixed,
-        cfg.n_ctx,
-    )
+    prompts = class_prompts(backbone, classes, " ".join(["X"] * cfg.n_ctx), cfg.n_ctx, "softcpt")
+    return SoftCPT(task_fixed, task_ctx, proj.to(backbone.device), prompts, names)

@@ -7,21 +7,21 @@ entropy is kept (confidence selection), and the entropy of their *average* predi
 minimised (paper Eq. 3-4, ``H(p̃) = −Σ_c p̃_c log p̃_c`` with ``p̃ = 1/(ρN) Σ_selected p``);
 the original is then classified with the tuned context, and the context is reset.
 
-Matches ``azshue/TPT tpt_classification.py`` and ``clip/custom_clip.py`` (``reference/METHODS.md``
-§7): context initialised from ``"a photo of a"`` (4 tokens), class token at the end; a batch of
-``1 + 63`` images (the original first, then the views of :mod:`vlprompt.datasets.views`);
-``int(64 · 0.1) = 6`` lowest-entropy images kept, counted over that whole batch -- the original
-competes like a view -- and chosen once, at the first step (``select_confident_samples``); loss
-``avg_entropy`` (``logsumexp`` of the log-probabilities − ``log N``, clamped at the smallest
-float); ``AdamW(ctx, lr=5e-3)`` with torch's defaults (weight decay 0.01), one step; context and
-optimiser state reset before every test image; the prediction is the original's logits with the
-tuned context. TPT+CoOp (``init_state``) starts from a trained CoOp context instead of the words.
+Matches ``azshue/TPT tpt_classification.py`` (``test_time_tuning``, ``test_time_adapt_eval``) and
+``clip/custom_clip.py`` (``ClipTestTimeTuning``, ``PromptLearner``): context initialised from
+``"a photo of a"`` (4 tokens), class token at the end; a batch of ``1 + 63`` images (the original
+first, then the views of :mod:`vlprompt.datasets.views`); ``int(64 · 0.1) = 6`` lowest-entropy
+images kept, counted over that whole batch -- the original competes like a view -- and chosen once,
+at the first step (``select_confident_samples``); loss ``avg_entropy`` (``logsumexp`` of the
+log-probabilities − ``log N``, clamped at the smallest float); ``AdamW(ctx, lr=5e-3)`` with torch's
+defaults (weight decay 0.01), one step; context and optimiser state reset before every test image;
+the prediction is the original's logits with the tuned context. TPT+CoOp (``init_state``) starts
+from a trained CoOp context instead of the words.
 
-Built on CoOp by composition (``coop.build``): the prompt assembly, text encoding, cached
-evaluation and cross-entropy are CoOp's, not re-typed. The CoOp is *held* like the backbone and
-its one parameter ``ctx`` is registered here, so TPT's ``state_dict``/``learned_state`` are
-exactly a generic CoOp checkpoint (``{"ctx"}``) in both directions. (Not a subclass: the house
-style allows no inheritance beyond ``nn.Module``.) TPT lives on its backbone's device.
+Built on CoOp by composition (``coop.build``, ``coop.hold``): the prompt assembly, text encoding,
+cached evaluation and cross-entropy are CoOp's, not re-typed. The CoOp is *held* like the backbone
+and its one parameter ``ctx`` is registered here, so TPT's ``state_dict``/``learned_state`` are
+exactly a generic CoOp checkpoint (``{"ctx"}``) in both directions.
 
 Deliberate changes:
 
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from vlprompt.methods import coop
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
-from vlprompt.methods.common import cosine_logits, hold_backbone, image_features, read_saved_state
+from vlprompt.methods.common import cosine_logits, image_features, read_saved_state
 from vlprompt.methods.options import TPTConfig, n_selected
 
 
@@ -88,22 +88,14 @@ class TPT(nn.Module):
 
     def __init__(self, prompt: coop.CoOp, cfg: TPTConfig) -> None:
         super().__init__()
-        hold_backbone(self, prompt.backbone)
-        object.__setattr__(self, "prompt", prompt)  # held, not a submodule (see the module docstring)
-        self.ctx = prompt.ctx  # the one learnable tensor, shared with the held CoOp
+        coop.hold(self, prompt)  # self.coop (held), its self.ctx and self.prompts (registered)
         self.selection_p = cfg.selection_p
         self.lr = cfg.lr
         self.steps = cfg.steps
 
-    def _prompt(self) -> coop.CoOp:
-        """The held CoOp, reading this module's ``ctx`` (re-linked if the Parameter was replaced)."""
-        if self.prompt.ctx is not self.ctx:
-            self.prompt.ctx = self.ctx
-        return self.prompt
-
     def logits(self, task: str, features: Tensor) -> Tensor:
         """``(N, n_cls)`` logits of image embeddings ``features`` with the current context."""
-        return cosine_logits(features, self._prompt().text_features(task), self.backbone.logit_scale)
+        return cosine_logits(features, coop.held(self).text_features(task), self.backbone.logit_scale)
 
     def adapt(self, task: str, features: Tensor) -> list[float]:
         """Tune ``ctx`` in place, from its current value, on one image's embeddings ``features``
@@ -133,7 +125,7 @@ class TPT(nn.Module):
         """
         views = getattr(batch, "views", None)
         if views is None:
-            return self._prompt().predict(batch)
+            return coop.held(self).predict(batch)
         if views.dim() != 5 or views.shape[0] != len(batch):
             raise ValueError(
                 f"tpt: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
@@ -160,11 +152,11 @@ class TPT(nn.Module):
 
     def training_loss(self, batch: Batch) -> Tensor:
         """CoOp's cross-entropy (training the starting context; the ``test_time`` protocol does not)."""
-        return self._prompt().training_loss(batch)
+        return coop.held(self).training_loss(batch)
 
     def learned_state(self) -> dict[str, Tensor]:
         """The starting context ``{"ctx"}``: the same key and shape as a generic CoOp checkpoint."""
-        return self._prompt().learned_state()
+        return coop.held(self).learned_state()
 
 
 def load_context(path: str, shape: Sequence[int]) -> Tensor:
@@ -192,7 +184,9 @@ def load_context(path: str, shape: Sequence[int]) -> Tensor:
 
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: TPTConfig) -> TPT:
     """CoOp's prompt for ``tasks`` with ``ctx_init``/``n_ctx``, optionally started from ``init_state``."""
-    prompt = coop.build(backbone, tasks, coop.CoOpConfig(n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init))
+    prompt = coop.build(
+        backbone, tasks, coop.CoOpConfig(n_ctx=cfg.n_ctx, ctx_init=cfg.ctx_init), method="tpt"
+    )
     if cfg.init_state:
         ctx = load_context(cfg.init_state, prompt.ctx.shape)
         with torch.no_grad():

@@ -1,10 +1,9 @@
 """Zero-shot CLIP (Radford et al., ICML 2021): classify by the text features of fixed prompts.
 
 The baseline every prompt-learning paper reports; matches CoOp's ``trainers/zsclip.py``
-``ZeroshotCLIP``: one hand-crafted template per dataset (``reference/METHODS.md`` §0
-"Hand-crafted templates"), class names with ``"_"`` → ``" "``, logits
-``logit_scale · cos(image, text)``. Nothing is learned; the text features are computed
-once at build time and kept as a buffer.
+``ZeroshotCLIP``: one hand-crafted template per dataset (its ``CUSTOM_TEMPLATES``), class
+names with ``"_"`` → ``" "``, logits ``logit_scale · cos(image, text)``. Nothing is learned;
+the text features are computed once at build time and kept as a buffer.
 
 Where the template comes from: the dataset catalog knows each dataset's hand-crafted
 template, the method does not. The orchestrator passes it as

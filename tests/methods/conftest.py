@@ -1,4 +1,5 @@
-"""Fixtures for the methods tests: the tiny open_clip backbone (``vlp-tiny``), built once per module."""
+"""Fixtures for the methods tests: the tiny open_clip backbone (``vlp-tiny``), built once per module,
+and a random-init ViT-B/16 for exact parameter counts, built once per session."""
 
 from __future__ import annotations
 
@@ -39,3 +40,12 @@ def tiny() -> Backbone:
 def images() -> torch.Tensor:
     """Six random images at the tiny model's resolution."""
     return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def vit_b16() -> Backbone:
+    """open_clip's built-in ``ViT-B-16``, random init (nothing downloaded): the real shapes, for counting.
+
+    One for the whole session: it is the slow build, and counting never changes a frozen backbone.
+    """
+    return load_backbone("ViT-B-16", None)

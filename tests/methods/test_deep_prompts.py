@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import open_clip
 import pytest
 import torch
 from torch import Tensor
 
-from vlprompt.methods import build_method, capabilities
+from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch, count_trainable
 from vlprompt.methods.clip import Backbone, BlockHooks, load_backbone
 from vlprompt.methods.common import text_deep_prompt_hook, vision_prompt_hooks
@@ -22,11 +20,6 @@ TEMPLATE = "a photo of a {}."
 
 def identity(i: int, x: Tensor) -> Tensor:
     return x
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> Backbone:
-    return load_backbone("ViT-B-16", None)
 
 
 def test_hooked_image_path_equals_open_clip(tiny: Backbone, images: Tensor) -> None:
@@ -97,15 +90,13 @@ def test_hooks_see_batch_first_and_may_only_append(tiny: Backbone, images: Tenso
 
 
 def test_parameter_counts_vit_b16(vit_b16: Backbone) -> None:
-    """``reference/METHODS.md`` §3 and §11."""
+    """Beyond the matrix's defaults (IVLP 2+2 depth 12, MaPLe n_ctx 2 depth 9): the PromptSRC-like
+    4+4 depth 9 IVLP, MaPLe's eight deep projections, and MaPLe at depth 1."""
     tasks = {"pets": ["abyssinian", "beagle"]}
     assert (vit_b16.text_width, vit_b16.vision_width, vit_b16.vision_layers) == (512, 768, 12)
-    ivlp_22 = build_method("ivlp", vit_b16, tasks, {})  # MaPLe repo 2+2 config: depth 12/12
-    assert count_trainable(ivlp_22) == 30_720
     ivlp_44 = {"n_ctx_text": 4, "n_ctx_vision": 4, "depth_text": 9, "depth_vision": 9}
     assert count_trainable(build_method("ivlp", vit_b16, tasks, ivlp_44)) == 46_080
     maple = build_method("maple", vit_b16, tasks, {"n_ctx": 2, "prompt_depth": 9})
-    assert count_trainable(maple) == 3_555_072
     assert isinstance(maple, MaPLe) and len(maple.compound_prompt_projections) == 8
     assert count_trainable(build_method("maple", vit_b16, tasks, {"prompt_depth": 1})) == 1_024 + 393_984
 
@@ -217,29 +208,19 @@ def train(method: torch.nn.Module, batch: Batch, steps: int, lr: float) -> list[
     ("name", "options"),
     [("ivlp", {}), ("maple", {}), ("maple", {"ctx_init": "", "n_ctx": 3})],
 )
-def test_training_overfits_and_leaves_the_backbone_alone(
-    tiny: Backbone, images: Tensor, name: str, options: dict
-) -> None:
+def test_training_overfits(tiny: Backbone, images: Tensor, name: str, options: dict) -> None:
     torch.manual_seed(0)
     method = build_method(name, tiny, {"t": ["cat", "dog", "car", "tree"]}, options)
-    before = copy.deepcopy(tiny.state_dict())
     start = {k: v.clone() for k, v in method.state_dict().items()}
     losses = train(method, Batch("t", images=images[:4], labels=torch.arange(4)), steps=60, lr=0.01)
     # observed: ivlp 1.95 -> 0.07, maple 2.19 -> 0.005, maple random init 2.00 -> 0.02
     assert losses[-1] < losses[0] / 10, losses[::10]
     assert all(not torch.equal(v, start[k]) for k, v in method.state_dict().items())  # every prompt learns
-    after = tiny.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    assert all(p.grad is None for p in tiny.parameters())
-    assert not tiny.training
 
 
 @pytest.mark.parametrize("name", ["ivlp", "maple"])
-def test_cached_features_are_refused(tiny: Backbone, name: str) -> None:
+def test_labels_are_required(tiny: Backbone, name: str) -> None:
     method = build_method(name, tiny, {"t": CLASSES}, {})
-    assert capabilities(name).frozen_image_tower is False
-    with pytest.raises(ValueError, match="cached image features cannot be used"):
-        method.predict(Batch("t", features=torch.randn(2, 64)))
     with pytest.raises(ValueError, match="labels"):
         method.training_loss(Batch("t", images=torch.randn(2, 3, 32, 32)))
 

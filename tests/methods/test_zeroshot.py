@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.methods import build_method
-from vlprompt.methods.base import Batch, count_trainable
+from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.zeroshot import ZeroShotConfig
 
@@ -27,7 +27,6 @@ def test_logits_equal_open_clip(tiny: Backbone, images: Tensor) -> None:
     logits = method.predict(Batch("pets", images=images))
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
     assert float(expected.std()) > 0.1
-    assert count_trainable(method) == 0 and method.learned_state() == {}
 
 
 def test_template_overrides_per_task_templates(tiny: Backbone, images: Tensor) -> None:
@@ -59,7 +58,7 @@ def test_template_errors(tiny: Backbone, images: Tensor) -> None:
 def test_prompt_ensembles_average_normalised_sentence_features(tiny: Backbone, images: Tensor) -> None:
     from vlprompt.methods.zeroshot import ENSEMBLES
 
-    # CoOp's IMAGENET_TEMPLATES_SELECT, in its order (reference/METHODS.md §0)
+    # CoOp's IMAGENET_TEMPLATES_SELECT (KaiyangZhou/CoOp trainers/imagenet_templates.py), in its order
     assert ENSEMBLES["imagenet7"] == (
         "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
         "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
