@@ -116,6 +116,51 @@ def tag_needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
 
 
+def check_model_name(model_name: str) -> None:
+    """``ValueError`` with close names and how to add one, unless open_clip knows ``model_name``."""
+    known = open_clip.list_models()
+    if model_name in known:
+        return
+    close = difflib.get_close_matches(model_name, known, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    examples = [n for n in ("RN50", "ViT-B-32", "ViT-B-16", "ViT-L-14", "vlp-tiny") if n in known]
+    raise ValueError(
+        f"unknown open_clip model {model_name!r}.{hint} Known names include {', '.join(examples)} "
+        f"({len(known)} in all: open_clip.list_models()). "
+        f"To add an architecture, put its open_clip JSON config in {MODEL_CONFIG_DIR} "
+        "or call open_clip.add_model_config(path) before load_backbone."
+    )
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
+    """What ``open_clip.create_model(pretrained=...)`` gets: a tag, a checkpoint file, or None.
+
+    ``"bundled"`` → the packaged file (checksum verified); a tag of ``model_name`` stays a tag;
+    an existing file is a file; a value that looks like a path (``pretrained.is_checkpoint_path``,
+    the rule config validation uses too) but is no file is ``FileNotFoundError``; anything else
+    is ``ValueError`` listing the model's tags.
+    """
+    if pretrained == BUNDLED:
+        return str(bundled_checkpoint(model_name))
+    if not pretrained:
+        return None
+    path = Path(pretrained).expanduser()
+    if open_clip.get_pretrained_cfg(model_name, pretrained):
+        return pretrained  # a tag: open_clip resolves (and downloads) it
+    if path.is_file():
+        return str(path)
+    if is_checkpoint_path(pretrained) or path.exists():
+        raise FileNotFoundError(
+            f"checkpoint file {str(path)!r} (pretrained= for {model_name}) does not exist or is not a file"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise ValueError(
+        f"{pretrained!r} is neither a pretrained tag of {model_name} nor an existing file. "
+        f"Tags for {model_name}: {', '.join(tags) if tags else '(none)'}; "
+        "use null for random initialisation."
+    )
+
+
 def load_backbone(
     model_name: str,
     pretrained: str | None = None,
@@ -139,38 +184,8 @@ def load_backbone(
         text_chunk_size: most prompts the text tower encodes at once (see
             :meth:`Backbone.encode_text_embeddings`); bounds memory for 1000-class datasets.
     """
-    known = open_clip.list_models()
-    if model_name not in known:
-        close = difflib.get_close_matches(model_name, known, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        examples = [n for n in ("RN50", "ViT-B-32", "ViT-B-16", "ViT-L-14", "vlp-tiny") if n in known]
-        raise ValueError(
-            f"unknown open_clip model {model_name!r}.{hint} Known names include {', '.join(examples)} "
-            f"({len(known)} in all: open_clip.list_models()). "
-            f"To add an architecture, put its open_clip JSON config in {MODEL_CONFIG_DIR} "
-            "or call open_clip.add_model_config(path) before load_backbone."
-        )
-    checkpoint: str | None = None
-    if pretrained == BUNDLED:
-        checkpoint = str(bundled_checkpoint(model_name))
-    elif pretrained:
-        path = Path(pretrained).expanduser()
-        if open_clip.get_pretrained_cfg(model_name, pretrained):
-            checkpoint = pretrained  # a tag: open_clip resolves (and downloads) it
-        elif path.is_file():
-            checkpoint = str(path)
-        elif is_checkpoint_path(pretrained) or path.exists():
-            raise FileNotFoundError(
-                f"checkpoint file {str(path)!r} (pretrained= for {model_name}) does not exist "
-                "or is not a file"
-            )
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise ValueError(
-                f"{pretrained!r} is neither a pretrained tag of {model_name} nor an existing file. "
-                f"Tags for {model_name}: {', '.join(tags) if tags else '(none)'}; "
-                "use null for random initialisation."
-            )
+    check_model_name(model_name)
+    checkpoint = resolve_pretrained(model_name, pretrained)
     model = open_clip.create_model(
         model_name,
         pretrained=checkpoint,
@@ -185,6 +200,32 @@ def load_backbone(
         precision=precision,
         text_chunk_size=text_chunk_size,
     )
+
+
+def _check_supported(name: str, model: nn.Module, tokenizer: object) -> None:
+    """``NotImplementedError`` unless the text tower is open_clip's causal, EOT-pooled, projected one
+    with the plain BPE tokenizer (what soft prompts spliced into token embeddings need)."""
+    if isinstance(model, CLIP):
+        pool_type, text = model.text_pool_type, model
+    elif isinstance(model, CustomTextCLIP) and isinstance(model.text, TextTransformer):
+        pool_type, text = model.text.pool_type, model.text
+        if model.text.cls_emb is not None:
+            raise NotImplementedError(f"{name}: text towers with an appended class token (CoCa)")
+    else:
+        raise NotImplementedError(
+            f"{name}: only open_clip CLIP/CustomTextCLIP models with open_clip's TextTransformer "
+            f"are supported (got {type(model).__name__}; not HF text towers, CoCa or timm-only models)"
+        )
+    if pool_type != "argmax":
+        raise NotImplementedError(f"{name}: text pool type {pool_type!r}; only 'argmax' (EOT) is supported")
+    if text.attn_mask is None:
+        raise NotImplementedError(f"{name}: bidirectional text tower; soft prompts need a causal one")
+    if text.text_projection is None:
+        raise NotImplementedError(f"{name}: text tower without projection into the joint space")
+    if getattr(model, "logit_bias", None) is not None:
+        raise NotImplementedError(f"{name}: sigmoid-loss models (logit_bias, SigLIP) are not supported")
+    if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
+        raise NotImplementedError(f"{name}: only open_clip's plain SimpleTokenizer is supported")
 
 
 class Backbone(nn.Module):
@@ -206,40 +247,12 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name or type(model).__name__
-        if isinstance(model, CLIP):
-            pool_type = model.text_pool_type
-        elif isinstance(model, CustomTextCLIP) and isinstance(model.text, TextTransformer):
-            pool_type = model.text.pool_type
-            if model.text.cls_emb is not None:
-                raise NotImplementedError(f"{self.name}: text towers with an appended class token (CoCa)")
-        else:
-            raise NotImplementedError(
-                f"{self.name}: only open_clip CLIP/CustomTextCLIP models with open_clip's TextTransformer "
-                f"are supported (got {type(model).__name__}; not HF text towers, CoCa or timm-only models)"
-            )
+        _check_supported(self.name, model, tokenizer)
         self.model = model
-        text = self._text
-        if pool_type != "argmax":
-            raise NotImplementedError(
-                f"{self.name}: text pool type {pool_type!r}; only 'argmax' (EOT) is supported"
-            )
-        if text.attn_mask is None:
-            raise NotImplementedError(
-                f"{self.name}: bidirectional text tower; soft prompts need a causal one"
-            )
-        if text.text_projection is None:
-            raise NotImplementedError(f"{self.name}: text tower without projection into the joint space")
-        if getattr(model, "logit_bias", None) is not None:
-            raise NotImplementedError(
-                f"{self.name}: sigmoid-loss models (logit_bias, SigLIP) are not supported"
-            )
-        if not isinstance(tokenizer, SimpleTokenizer) or tokenizer.reduction_fn is not None:
-            raise NotImplementedError(f"{self.name}: only open_clip's plain SimpleTokenizer is supported")
         self.tokenizer: SimpleTokenizer = tokenizer
         if text_chunk_size < 1:
             raise ValueError(f"text_chunk_size must be >= 1, got {text_chunk_size}")
         self.text_chunk_size = text_chunk_size
-
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg["size"]
         if isinstance(size, Sequence):
@@ -252,7 +265,6 @@ class Backbone(nn.Module):
         self.image_mean: tuple[float, ...] = tuple(float(v) for v in cfg["mean"])
         self.image_std: tuple[float, ...] = tuple(float(v) for v in cfg["std"])
         self._input_dtype = get_input_dtype(precision)
-
         model.requires_grad_(False)
         super().train(False)
 
