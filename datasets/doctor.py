@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
-from vlprompt.datasets.images import load_image
+from vlprompt.datasets.decode import load_image
 from vlprompt.datasets.splits import load_dataset
 from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits
 

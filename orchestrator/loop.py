@@ -48,6 +48,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from vlprompt import datasets as vds
+from vlprompt.datasets.images import ImageDataset, test_transform, train_transform
+from vlprompt.datasets.views import test_time_views
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch, FeatureSet, FitsFeatures, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
@@ -172,7 +174,7 @@ class _Source:
         self.task_ids = torch.tensor(
             [i for i, task in enumerate(self.tasks) for _ in parts[task]], dtype=torch.long
         )
-        self.dataset = vds.ImageDataset(self.items, transform)
+        self.dataset = ImageDataset(self.items, transform)
         self.loader_workers = loader_workers
         self.labels = torch.tensor([d.label for d in self.items], dtype=torch.long)
         self.features: Tensor | None = None  # (views, N, D) when cached
@@ -512,17 +514,17 @@ def run(cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Any = N
     if full_batch and not frozen_images:
         raise ValueError(f"{method_name}: fit() on cached features needs frozen_image_tower = True")
 
-    test_tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    test_tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
     # a full-batch fit sees each training image once, un-augmented (CoOp lpclip's feat_extractor.py)
     train_tf = (
         test_tf
         if full_batch
-        else vds.train_transform(
+        else train_transform(
             backbone.image_size, backbone.image_mean, backbone.image_std, cfg.train.crop_min_scale
         )
     )
     views_tf = (
-        vds.test_time_views(
+        test_time_views(
             backbone.image_size,
             backbone.image_mean,
             backbone.image_std,
