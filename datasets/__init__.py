@@ -19,7 +19,9 @@ The multi-task protocol reads a task source instead (a group such as ``general10
     fewshot = {key: cached_fewshot(t.splits, 16, 1, t.cache_dir) for key, t in tasks.items()}
 
 ``generate_dataset`` writes a procedural stand-in in any entry's real layout;
-``python -m vlprompt.datasets`` lists, generates and checks datasets.
+``python -m vlprompt.datasets`` lists, generates and checks datasets. Each on-disk layout
+(CoOp's split JSON, FGVC-Aircraft's lists, the ImageNet family, Fashion-20's tasks) is one
+``Layout`` in ``layouts.LAYOUTS``, named by the catalog entries that have it.
 """
 
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
@@ -28,13 +30,8 @@ from vlprompt.datasets.fewshot import base_novel_labels, sample_fewshot, subsamp
 from vlprompt.datasets.fewshot_cache import cached_fewshot
 from vlprompt.datasets.generate import generate_dataset
 from vlprompt.datasets.makesplit import make_split
-from vlprompt.datasets.splits import (
-    dataset_folder,
-    load_dataset,
-    read_split_file,
-    split_fingerprint,
-    write_split_file,
-)
+from vlprompt.datasets.splitjson import read_split_file, write_split_file
+from vlprompt.datasets.splits import dataset_folder, load_dataset, split_fingerprint
 from vlprompt.datasets.tasks import GROUPS, TaskData, check_task_source, is_multitask, load_tasks, task_names
 from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits, Datum
 
