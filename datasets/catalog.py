@@ -106,6 +106,7 @@ def _entry_synthetic() -> CatalogEntry:
         classnames=tuple(f"{colour} {shape}" for colour, shape in _SYNTHETIC_STYLES),
         styles=_SYNTHETIC_STYLES,
         path_pattern="{cls}/{n}.png",
+        procedural=True,
     )
 
 
@@ -128,6 +129,7 @@ def _entry_smallworld(task: str, template: str, description: str) -> CatalogEntr
         path_pattern="{cls}/{n}.png",
         world=task,
         images_per_class=80,
+        procedural=True,
     )
 
 

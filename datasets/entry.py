@@ -34,7 +34,9 @@ class CatalogEntry:
     (colour, shape) so that generated classes are learnable. ``world`` names a task of
     ``vlprompt.datasets.smallworld`` that draws the images instead (``styles`` are then
     placeholders kept only so every entry has the same shape), and ``images_per_class`` is
-    what ``generate_dataset`` writes when not told otherwise.
+    what ``generate_dataset`` writes when not told otherwise. ``procedural`` marks data that
+    *is* procedural and has no download (the synthetic set, the small world): for those the
+    generator writes the dataset itself, for every other entry only a stand-in.
     The class lists only drive the generator and listings: readers take class names and
     labels from the data, as CoOp does.
 
@@ -56,6 +58,7 @@ class CatalogEntry:
     path_pattern: str
     world: str = ""
     images_per_class: int = 40
+    procedural: bool = False
     # How the folder is laid out: a key of ``layouts.LAYOUTS`` ("split_json", "fgvc_aircraft",
     # "imagenet", "imagenet_v2", "imagenet_folders", "fashion20"); the layout reads it, writes
     # the stand-in and, where it can, makes a missing split file.
