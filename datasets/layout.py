@@ -60,7 +60,7 @@ MakeSplit = Callable[[CatalogEntry, Path, int, bool], Path]
 class Layout:
     """One on-disk layout: how it is read, written as a stand-in, and (maybe) re-split."""
 
-    description: str  # one line, for listings
+    description: str  # one line naming the layout, for messages and readers of LAYOUTS
     write: Write
     read: Read | None = None
     read_tasks: ReadTasks | None = None
