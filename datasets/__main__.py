@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vlprompt.datasets.catalog import CATALOG
+from vlprompt.datasets.cuts import DEFAULT_SEED
 from vlprompt.datasets.doctor import diagnose, report
 from vlprompt.datasets.generate import generate_dataset
-from vlprompt.datasets.makesplit import DEFAULT_SEED, datasets_with_rules, make_split
+from vlprompt.datasets.makesplit import datasets_with_rules, make_split
 from vlprompt.datasets.splits import load_dataset, split_fingerprint
 from vlprompt.datasets.tasks import GROUPS, is_multitask, load_tasks
-from vlprompt.datasets.types import DatasetSplits
+from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vlprompt.datasets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the catalog")
@@ -46,59 +47,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     mk.add_argument("--root", required=True)
     mk.add_argument("--seed", type=int, default=DEFAULT_SEED)
     mk.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "list":
-        for key in sorted(CATALOG):
-            entry = CATALOG[key]
-            print(f"{key:<12} {entry.num_classes:>4} classes  {entry.description}")
-            print(f"{'':<12} layout: {entry.layout}")
-        print("task groups (data.protocol=multi_task; fashion20 and any dataset work there too):")
-        for key in sorted(GROUPS):
-            print(f"{key:<12} {len(GROUPS[key]):>4} tasks    {', '.join(GROUPS[key])}")
-    elif args.command == "generate":
-        folder = generate_dataset(
-            args.name,
-            args.root,
-            images_per_class=args.images_per_class,
-            image_size=args.image_size,
-            seed=args.seed,
-            num_classes=args.num_classes,
-        )
-        print(folder)
-    elif args.command == "doctor":
-        text, code = report(diagnose(args.root, args.names, verify_images=args.verify_images), args.root)
-        print(text)
-        return code
-    elif args.command == "make-split":
-        try:
-            path = make_split(args.name, args.root, seed=args.seed, overwrite=args.overwrite)
-        except (OSError, ValueError) as exc:  # missing files, read-only folder, bad rows
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(path)
-    else:
-        try:
-            if is_multitask(args.name):
-                tasks = load_tasks(args.name, args.root)
-                parts = [task.splits for task in tasks.values()]
-                n_classes = sum(splits.num_classes for splits in parts)
-                print(f"{args.name}: {len(parts)} tasks, {n_classes} classes")
-            else:
-                parts = [load_dataset(args.name, args.root)]
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        for splits in parts:
-            _print_check(splits)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+def _list(args: argparse.Namespace) -> int:
+    for key in sorted(CATALOG):
+        entry = CATALOG[key]
+        print(f"{key:<12} {entry.num_classes:>4} classes  {entry.description}")
+        print(f"{'':<12} layout: {entry.layout}")
+    print("task groups (data.protocol=multi_task; fashion20 and any dataset work there too):")
+    for key in sorted(GROUPS):
+        print(f"{key:<12} {len(GROUPS[key]):>4} tasks    {', '.join(GROUPS[key])}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    folder = generate_dataset(
+        args.name,
+        args.root,
+        images_per_class=args.images_per_class,
+        image_size=args.image_size,
+        seed=args.seed,
+        num_classes=args.num_classes,
+    )
+    print(folder)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    text, code = report(diagnose(args.root, args.names, verify_images=args.verify_images), args.root)
+    print(text)
+    return code
+
+
+def _make_split(args: argparse.Namespace) -> int:
+    try:
+        path = make_split(args.name, args.root, seed=args.seed, overwrite=args.overwrite)
+    except (OSError, ValueError) as exc:  # missing files, read-only folder, bad rows
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        if is_multitask(args.name):
+            tasks = load_tasks(args.name, args.root)
+            parts = [task.splits for task in tasks.values()]
+            n_classes = sum(splits.num_classes for splits in parts)
+            print(f"{args.name}: {len(parts)} tasks, {n_classes} classes")
+        else:
+            parts = [load_dataset(args.name, args.root)]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for splits in parts:
+        _print_check(splits)
     return 0
 
 
 def _print_check(splits: DatasetSplits) -> None:
-    sizes = ", ".join(f"{s} {len(splits.split(s))}" for s in ("train", "val", "test"))
+    sizes = ", ".join(f"{s} {len(splits.split(s))}" for s in SPLIT_NAMES)
     print(f"{splits.name}: {splits.num_classes} classes; {sizes}")
     print(f"template: {splits.template!r}")
     print(f"fingerprint: {split_fingerprint(splits)}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": _list,
+    "generate": _generate,
+    "check": _check,
+    "doctor": _doctor,
+    "make-split": _make_split,
+}
 
 
 if __name__ == "__main__":

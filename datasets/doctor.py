@@ -1,7 +1,8 @@
 """The data doctor: walk a data root and say, per catalog entry, what is there and what is not.
 
 ``python -m vlprompt.datasets doctor --root DATA [NAME ...] [--verify-images]`` reads every
-dataset exactly as a run would (``load_dataset``) and prints one line per entry:
+dataset exactly as a run would (``load_dataset``, or ``load_tasks`` for a multi-task one)
+and prints one line per entry:
 
 * ``found``   — classes, images and split sizes (and "k of N classes" for a partial copy;
   for a multi-task dataset such as fashion20 also its tasks, "20 tasks, 78 classes");
@@ -22,9 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
-from vlprompt.datasets.images import load_image
+from vlprompt.datasets.catalog import CATALOG, get_entry
+from vlprompt.datasets.decode import load_image
 from vlprompt.datasets.splits import load_dataset
+from vlprompt.datasets.tasks import is_multitask, load_tasks
 from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits
 
 
@@ -42,8 +44,9 @@ def examine(name: str, root: Path, *, verify_images: bool = False) -> Finding:
     folder = root / entry.folder
     if not folder.exists():
         return Finding(name, "missing", f"{folder} absent; expected under {root}: {entry.layout}")
+    several = is_multitask(name)
     try:
-        parts = _read_tasks(entry, folder) if entry.multitask else (load_dataset(name, root),)
+        parts = _read(name, root, several)
     except (FileNotFoundError, ValueError, OSError) as exc:  # its message names the path (and make-split)
         return Finding(name, "broken", str(exc))
     paths = {d.path for splits in parts for s in SPLIT_NAMES for d in splits.split(s)}
@@ -52,31 +55,37 @@ def examine(name: str, root: Path, *, verify_images: bool = False) -> Finding:
     classes = f"{n_classes} classes"
     if n_classes != entry.num_classes:
         classes = f"{n_classes} of {entry.num_classes} classes"
-    if entry.multitask:  # the entry's class lists are its tasks
+    if several:  # the entry's class lists are its tasks
         n_tasks = len(entry.class_folders)
         tasks = f"{len(parts)} tasks" if len(parts) == n_tasks else f"{len(parts)} of {n_tasks} tasks"
         classes = f"{tasks}, {classes}"
     summary = f"{classes}, {len(paths)} images ({sizes})"
-    if verify_images:
-        bad = []
-        for path in sorted(paths):
-            try:
-                load_image(path)
-            except OSError:
-                bad.append(path)
-        if bad:
-            lines = tuple(f"unreadable: {p}" for p in bad[:20]) + (
-                (f"... and {len(bad) - 20} more",) if len(bad) > 20 else ()
-            )
-            return Finding(name, "broken", f"{summary}; {len(bad)} unreadable images", lines)
-        summary += ", all images readable"
-    return Finding(name, "found", summary)
+    if not verify_images:
+        return Finding(name, "found", summary)
+    bad = _unreadable(paths)
+    if bad:
+        lines = tuple(f"unreadable: {p}" for p in bad[:20]) + (
+            (f"... and {len(bad) - 20} more",) if len(bad) > 20 else ()
+        )
+        return Finding(name, "broken", f"{summary}; {len(bad)} unreadable images", lines)
+    return Finding(name, "found", summary + ", all images readable")
 
 
-def _read_tasks(entry: CatalogEntry, folder: Path) -> tuple[DatasetSplits, ...]:
-    from vlprompt.datasets.fashion20 import read_fashion20
+def _read(name: str, root: Path, several: bool) -> tuple[DatasetSplits, ...]:
+    """Every task's splits (one for a single-task dataset); the doctor never writes a split file."""
+    if several:
+        return tuple(task.splits for task in load_tasks(name, root).values())
+    return (load_dataset(name, root),)
 
-    return tuple(splits for _, splits in read_fashion20(entry, folder, make_missing_split=False))
+
+def _unreadable(paths: Iterable[str]) -> list[str]:
+    bad = []
+    for path in sorted(paths):
+        try:
+            load_image(path)
+        except OSError:
+            bad.append(path)
+    return bad
 
 
 def diagnose(

@@ -18,8 +18,9 @@ Fashion-20 is multi-task: its tasks reuse class names ("cropped" pants and "crop
 it has no single ``DatasetSplits``. ``read_fashion20`` returns one per task, named
 ``"fashion20/<task name>"``, with the task's own class names (labels 0..n_t-1 in the order
 ``task_info.csv`` gives) and SoftCPT's template for that task id (``TASK_TEMPLATES``,
-SoftCPT ``trainers/zsclip.py`` ``CUSTOM_TEMPLATES["Fashion20"]``). ``tasks.load_tasks`` is the
-public way in; ``load_dataset("fashion20", ...)`` is an error that says so.
+SoftCPT ``trainers/zsclip.py`` ``CUSTOM_TEMPLATES["Fashion20"]``). Its ``LAYOUT`` is therefore
+multi-task (``read_tasks``): ``tasks.load_tasks`` is the public way in, and
+``load_dataset("fashion20", ...)`` is an error that says so.
 
 Missing split file. SoftCPT writes one when it is absent. vlprompt does so when asked, as for
 the CoOp datasets (``make_missing_split=True``, ``data.make_missing_splits``, or ``python -m
@@ -50,22 +51,29 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits, Datum
-
-if TYPE_CHECKING:  # the catalog imports this module while it is being built
-    from PIL import Image
-
-    from vlprompt.datasets.catalog import CatalogEntry
+from vlprompt.datasets.cuts import DEFAULT_SEED, cut_50_20_30
+from vlprompt.datasets.entry import CatalogEntry
+from vlprompt.datasets.files import (
+    check_images_exist,
+    check_relative,
+    generated_count,
+    image_path,
+    list_images,
+    read_split_object,
+    require,
+    write_atomically,
+)
+from vlprompt.datasets.layout import Layout, StandIn
+from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits, Datum, TaskData
 
 TASK_INFO_FILE = "task_info.csv"
 FEWSHOT_DIR = "split_fewshot_mt"
 """SoftCPT's few-shot folder; vlprompt's per-task caches go in ``<FEWSHOT_DIR>/<task id>/``."""
-DEFAULT_SEED = 1
 
 TASK_TEMPLATES: tuple[str, ...] = (
     *["a photo of {}, a type of pants."] * 3,  # tasks 0-2
@@ -177,21 +185,11 @@ def _task_info_text(tasks: Sequence[tuple[str, str, Sequence[str]]]) -> str:
 
 def read_split(path: Path, tasks: Sequence[Task], task_info: Path) -> dict[str, list[SplitRow]]:
     """Parse ``split_dk_Fashion20.json`` and check each row's task id and label against the tasks."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"split file {path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"split file {path}: expected a JSON object with keys train/val/test (and meta)")
-    missing = [s for s in SPLIT_NAMES if s not in data]
-    extra = sorted(set(data) - {*SPLIT_NAMES, "meta"})
-    if missing or extra:
-        raise ValueError(f"split file {path}: missing keys {missing}, unexpected keys {extra}")
-    rows: dict[str, list[SplitRow]] = {}
-    for split in SPLIT_NAMES:
-        if not isinstance(data[split], list):
-            raise ValueError(f"split file {path}: split {split!r} is not a list of rows")
-        rows[split] = [_parse_row(path, split, i, row, tasks, task_info) for i, row in enumerate(data[split])]
+    data = read_split_object(path, extra_keys=("meta",))
+    rows = {
+        split: [_parse_row(path, split, i, row, tasks, task_info) for i, row in enumerate(data[split])]
+        for split in SPLIT_NAMES
+    }
     empty = [
         f"{t.id} ({t.name}): {split}" for t in tasks for split in SPLIT_NAMES if not _has(rows[split], t.id)
     ]
@@ -218,9 +216,7 @@ def _parse_row(
     if label is None or task_id is None:
         raise ValueError(f"{where}: expected [relative_path, [label], [task id]], got {row!r:.200}")
     rel = row[0]
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive or ".." in parts:
-        raise ValueError(f"{where}: image path {rel!r} must be relative and stay inside the image folder")
+    check_relative(where, rel)
     if not 0 <= task_id < len(tasks):
         raise ValueError(
             f"{where}: task id {task_id} is not in {task_info}, which lists tasks 0..{len(tasks) - 1}"
@@ -238,9 +234,6 @@ def split_rows(
     image_root: Path, tasks: Sequence[Task], seed: int = DEFAULT_SEED
 ) -> dict[str, list[SplitRow]]:
     """The split the rule in the module docstring gives for the images under ``image_root``."""
-    from vlprompt.datasets.generate import split_counts  # local: the catalog imports this module
-    from vlprompt.datasets.readers import list_images
-
     found = _int_folders(image_root, "task", len(tasks))
     rng = random.Random(seed)
     rows: dict[str, list[SplitRow]] = {split: [] for split in SPLIT_NAMES}
@@ -253,17 +246,9 @@ def split_rows(
             for cls in sorted(_int_folders(task_dir, f"class (task {task.name})", len(task.labels)))
             for image in list_images(task_dir / str(cls))
         ]
-        rng.shuffle(items)
-        n = len(items)
-        n_train, n_val, n_test = split_counts(n)
-        if 0 in (n_train, n_val, n_test):
-            raise ValueError(
-                f"task {task.id} ({task.name}): {n} images under {task_dir}, too few for a 50/20/30 "
-                f"split with every split non-empty"
-            )
-        for i, (rel, label) in enumerate(items):
-            split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            rows[split].append((rel, label, task.id))
+        what = f"task {task.id} ({task.name}): {len(items)} images under {task_dir}"
+        for split, part in zip(SPLIT_NAMES, cut_50_20_30(items, rng, what), strict=True):
+            rows[split] += [(rel, label, task.id) for rel, label in part]
     return rows
 
 
@@ -281,7 +266,7 @@ def _int_folders(parent: Path, what: str, count: int) -> dict[int, str]:
     return found
 
 
-def split_json(rows: dict[str, list[SplitRow]], tasks: Sequence[Task]) -> str:
+def split_text(rows: dict[str, list[SplitRow]], tasks: Sequence[Task]) -> str:
     """SoftCPT's split file for ``rows``: Dassl ``write_json`` (indent 4), with its ``meta``."""
     data: dict[str, Any] = {
         split: [[rel, [label], [task]] for rel, label, task in rows[split]] for split in SPLIT_NAMES
@@ -296,57 +281,19 @@ def split_json(rows: dict[str, list[SplitRow]], tasks: Sequence[Task]) -> str:
     return json.dumps(data, indent=4, separators=(",", ": "), ensure_ascii=False) + "\n"
 
 
-def make_split(
-    entry: CatalogEntry, root: str | Path, *, seed: int = DEFAULT_SEED, overwrite: bool = False
-) -> Path:
-    """Write ``<root>/fashion20/split_dk_Fashion20.json`` by the rule; return its path."""
-    folder = Path(root) / entry.folder
-    tasks = _read_layout(entry, folder)
-    target = folder / entry.split_file
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
-    _write_atomic(target, split_json(split_rows(folder / entry.image_dir, tasks, seed), tasks))
-    return target
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    """Write beside ``target`` and rename over it (makesplit's writer, with ``overwrite``)."""
-    from vlprompt.datasets.makesplit import write_atomically  # local: makesplit imports this module
-
-    write_atomically(target, text, overwrite=True)
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def _need(entry: CatalogEntry, path: Path, what: str, is_dir: bool) -> None:
-    if not (path.is_dir() if is_dir else path.is_file()):
-        raise FileNotFoundError(
-            f"dataset {entry.name!r}: {what} {path} not found. Expected layout: {entry.layout}."
-        )
-
-
 def expected_size(entry: CatalogEntry, folder: Path) -> tuple[int, int]:
     """(tasks, classes) the folder should hold: Fashion-20's 20 and 78, or what the generator wrote."""
-    from vlprompt.datasets.readers import _generated_classes  # local: the catalog imports this module
-
-    generated = _generated_classes(folder)  # for this entry the generator counts tasks
+    generated = generated_count(folder)  # for this entry the generator counts tasks
     if generated is None:
         return len(entry.class_folders), entry.num_classes
     return generated, sum(len(labels) for _, _, labels in STAND_IN_TASKS[:generated])
 
 
 def _read_layout(entry: CatalogEntry, folder: Path) -> tuple[Task, ...]:
-    """Check the folder, ``task_info.csv`` and ``images/``; return the tasks."""
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"dataset {entry.name!r} ({entry.description}): folder {folder} does not exist. "
-            f"Expected layout under {folder.parent}: {entry.layout}. For a procedural stand-in with "
-            f"the same layout run `python -m vlprompt.datasets generate {entry.name} --root {folder.parent}`."
-        )
+    """Check ``task_info.csv`` and ``images/`` in the (existing) folder; return the tasks."""
     info = folder / TASK_INFO_FILE
-    _need(entry, info, "task list", is_dir=False)
-    _need(entry, folder / entry.image_dir, "image folder", is_dir=True)
+    require(entry, info, "task list")
+    require(entry, folder / entry.image_dir, "image folder", is_dir=True)
     tasks = read_task_info(info)
     n_tasks, n_classes = expected_size(entry, folder)
     found = sum(len(t.labels) for t in tasks)
@@ -358,52 +305,46 @@ def _read_layout(entry: CatalogEntry, folder: Path) -> tuple[Task, ...]:
     return tasks
 
 
-def read_fashion20(
-    entry: CatalogEntry, folder: Path, *, make_missing_split: bool = False
-) -> tuple[tuple[Task, DatasetSplits], ...]:
-    """Every task of the dataset in ``folder`` with its ``DatasetSplits``, in task id order.
+# --- the layout: reading, making the split file, writing the stand-in -----------------------------
+
+
+def read_tasks(entry: CatalogEntry, root: Path, make_missing_split: bool) -> tuple[TaskData, ...]:
+    """Every task of the dataset under ``root`` with its splits and few-shot cache folder, in id order.
 
     A missing split file is an error naming it, unless ``make_missing_split`` (as for
     ``load_dataset``): then it is made by the rule (module docstring), written next to the data,
     one line on stderr says so, and it is used like a shipped one; a read-only folder gets the
     same split in memory.
     """
+    folder = root / entry.folder
     tasks = _read_layout(entry, folder)
-    info = folder / TASK_INFO_FILE
     image_root = folder / entry.image_dir
     split_path = folder / entry.split_file
-    if not split_path.is_file():
-        if not make_missing_split:
-            raise FileNotFoundError(
-                f"dataset {entry.name!r}: split file {split_path} not found. SoftCPT writes it when "
-                f"absent (50/20/30 per task); so does vlprompt with make_missing_split=True "
-                f"(data.make_missing_splits=true), or run `python -m vlprompt.datasets make-split "
-                f"{entry.name} --root {folder.parent}`. Expected layout: {entry.layout}."
-            )
+    if split_path.is_file():
+        rows = read_split(split_path, tasks, folder / TASK_INFO_FILE)
+        relative = f". Paths in the split file are relative to {image_root}."
+        listed = {split: [rel for rel, _, _ in rows[split]] for split in SPLIT_NAMES}
+        check_images_exist(f"split file {split_path}", image_root, listed, at_row=True, note=relative)
+    elif make_missing_split:
         rows = split_rows(image_root, tasks)
         with contextlib.suppress(OSError):  # read-only data: the rule gives this split on every read
-            _write_atomic(split_path, split_json(rows, tasks))
+            write_atomically(split_path, split_text(rows, tasks), overwrite=True)
         print(
             f"vlprompt: {split_path} was missing; generated SoftCPT's 50/20/30 split per task (seed 1). "
             f"It may differ from the split the Fashion-20 download ships with.",
             file=sys.stderr,
         )
-        return _build(entry, image_root, tasks, rows)
-    rows = read_split(split_path, tasks, info)
-    _check_images_exist(split_path, image_root, rows)
-    return _build(entry, image_root, tasks, rows)
-
-
-def _check_images_exist(path: Path, image_root: Path, rows: dict[str, list[SplitRow]]) -> None:
-    missing = [(s, i, image_root / rel) for s in SPLIT_NAMES for i, (rel, _, _) in enumerate(rows[s])]
-    missing = [m for m in missing if not m[2].is_file()]
-    if missing:
-        split, i, image = missing[0]
-        total = sum(len(rows[s]) for s in SPLIT_NAMES)
+    else:
         raise FileNotFoundError(
-            f"split file {path}: {len(missing)} of {total} listed images are missing, the first at "
-            f"split {split!r} row {i}: {image}. Paths in the split file are relative to {image_root}."
+            f"dataset {entry.name!r}: split file {split_path} not found. SoftCPT writes it when "
+            f"absent (50/20/30 per task); so does vlprompt with make_missing_split=True "
+            f"(data.make_missing_splits=true), or run `python -m vlprompt.datasets make-split "
+            f"{entry.name} --root {root}`. Expected layout: {entry.layout}."
         )
+    return tuple(
+        TaskData(splits, task_cache_dir(folder, task))
+        for task, splits in _build(entry, image_root, tasks, rows)
+    )
 
 
 def _build(
@@ -415,7 +356,7 @@ def _build(
         names = task.classnames
         items = {
             split: tuple(
-                Datum(os.path.join(base, *PurePosixPath(rel).parts), label, names[label])
+                Datum(image_path(base, rel), label, names[label])
                 for rel, label, task_id in rows[split]
                 if task_id == task.id
             )
@@ -427,37 +368,55 @@ def _build(
     return tuple(out)
 
 
-# --- the generator's writer ---------------------------------------------------------------------
+def make_split(entry: CatalogEntry, root: Path, seed: int = DEFAULT_SEED, overwrite: bool = False) -> Path:
+    """Write ``<root>/fashion20/split_dk_Fashion20.json`` by the rule; return its path."""
+    folder = root / entry.folder
+    tasks = _read_layout(entry, folder)
+    target = folder / entry.split_file
+    write_atomically(
+        target, split_text(split_rows(folder / entry.image_dir, tasks, seed), tasks), overwrite=overwrite
+    )
+    return target
 
 
-def write_layout(
-    entry: CatalogEntry,
-    folder: Path,
-    params: dict[str, Any],
-    image_for: Callable[[int, int], Image.Image],
-    save: Callable[[Image.Image, Path], None],
-) -> None:
-    """Write the first ``params["num_classes"]`` stand-in *tasks* in Fashion-20's layout.
+def describe_rule(entry: CatalogEntry) -> str:
+    """The split rule in words, for messages and listings."""
+    return (
+        f"SoftCPT's 50/20/30 split per task from {TASK_INFO_FILE} and {entry.image_dir}/<task id>/<class id>/"
+    )
+
+
+def write_layout(entry: CatalogEntry, folder: Path, stand_in: StandIn) -> None:
+    """Write the first ``stand_in.num_classes`` stand-in *tasks* in Fashion-20's layout.
 
     For this entry the catalog's class lists are its stand-in tasks, so the generator's class
     count is a task count. Each task's classes get consecutive styles of the entry's palette
-    (``image_for(style, index)``), cycling through it task after task: within a task every
+    (``stand_in.draw(style, index)``), cycling through it task after task: within a task every
     class looks different, across tasks styles repeat, which separate task heads do not mind.
     ``task_info.csv`` and the split file (by the reader's rule, seed 1) are written too.
     """
-    chosen = STAND_IN_TASKS[: params["num_classes"]]
+    chosen = STAND_IN_TASKS[: stand_in.num_classes]
     palette = len(entry.styles)
     offset = 0
     for t, (_, _, labels) in enumerate(chosen):
         for c in range(len(labels)):
             style = (offset + c) % palette
-            for i in range(params["images_per_class"]):
+            for i in range(stand_in.images_per_class):
                 # distinct seeds across tasks that share a style: the index carries the task
-                image = image_for(style, t * 100_000 + i)
-                save(image, folder / entry.image_dir / str(t) / str(c) / f"{i + 1:04d}.jpg")
+                image = stand_in.draw(style, t * 100_000 + i)
+                stand_in.save(image, folder / entry.image_dir / str(t) / str(c) / f"{i + 1:04d}.jpg")
         offset += len(labels)
     (folder / TASK_INFO_FILE).write_text(_task_info_text(chosen), encoding="utf-8")
     tasks = read_task_info(folder / TASK_INFO_FILE)
     (folder / entry.split_file).write_text(
-        split_json(split_rows(folder / entry.image_dir, tasks), tasks), encoding="utf-8"
+        split_text(split_rows(folder / entry.image_dir, tasks), tasks), encoding="utf-8"
     )
+
+
+LAYOUT = Layout(
+    description="SoftCPT's Fashion-20: task_info.csv, images/<task id>/<class id>/, split_dk_Fashion20.json",
+    read_tasks=read_tasks,
+    write=write_layout,
+    make_split=make_split,
+    split_rule=describe_rule,
+)

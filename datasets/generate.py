@@ -1,12 +1,12 @@
 """Procedural stand-ins for catalog datasets, written in each dataset's *real* layout.
 
 Tests and the quickstart need data without downloads, and the code reading it must be the
-code that reads the real datasets. So the generator writes the same folders, file names and
-CoOp split file the real dataset has (plus, where the entry names ``annotations``, the
-official lists or ``.mat`` files CoOp re-splits from: ``benchmarks.OFFICIAL_FILES``), filled
-with small drawn images: each class is one coloured shape on a noisy grey background, with
-jittered colour, size and position, so classes are distinguishable and a model can learn
-them, while no two images are identical.
+code that reads the real datasets. So the generator asks the entry's layout
+(``layouts.LAYOUTS``) to write the same folders, file names and split or list files the real
+dataset has (for a split-JSON benchmark also the official lists or ``.mat`` files CoOp
+re-splits from, ``official.RULES``), filled with small drawn images: each class is one
+coloured shape on a noisy grey background, with jittered colour, size and position, so
+classes are distinguishable and a model can learn them, while no two images are identical.
 
 Output is a pure function of (entry, images_per_class, image_size, seed, num_classes):
 each image draws from its own ``numpy`` generator seeded with (seed, label, index), so the
@@ -14,9 +14,8 @@ same arguments give byte-identical files, and a class's images do not depend on 
 classes were generated.
 
 Per class the images are split 50/20/30 into train/val/test, the ratio CoOp uses when it
-regenerates a split (Dassl ``read_and_split_data``: ``round(n * 0.5)``, ``round(n * 0.2)``,
-the rest). The default of 40 images per class leaves 20 training images, enough for the
-16-shot protocol.
+regenerates a split (``cuts.split_counts``; Dassl ``read_and_split_data``). The default of
+40 images per class leaves 20 training images, enough for the 16-shot protocol.
 
 Small-world entries (``CatalogEntry.world``) are drawn by ``smallworld.render_task_image``
 instead, with the entry's own default image count (80: 40/16/24), same layout and seeding.
@@ -34,17 +33,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlprompt.datasets.benchmarks import OFFICIAL_FILES
 from vlprompt.datasets.catalog import CatalogEntry, get_entry
+from vlprompt.datasets.files import MARKER_FILE
+from vlprompt.datasets.layout import StandIn
+from vlprompt.datasets.layouts import layout_of
 from vlprompt.datasets.smallworld import render_task_image
-from vlprompt.datasets.splits import Row, write_split_file
-from vlprompt.datasets.types import SPLIT_NAMES
 
-MARKER_FILE = "vlprompt_generated.json"
-"""Written last into a generated dataset folder; records the arguments that produced it."""
+__all__ = ["MARKER_FILE", "RGB", "generate_dataset", "render"]
 
-TRAIN_FRACTION = 0.5
-VAL_FRACTION = 0.2
 MIN_IMAGES_PER_CLASS = 4  # smallest count for which 50/20/30 leaves no split empty
 MIN_IMAGE_SIZE = 8
 
@@ -79,31 +75,7 @@ def generate_dataset(
     ``FileExistsError`` — the generator never deletes or overwrites a dataset.
     """
     entry = get_entry(name)
-    if images_per_class is None:
-        images_per_class = entry.images_per_class
-    n_classes = len(entry.class_folders) if num_classes is None else num_classes
-    if not 1 <= n_classes <= len(entry.class_folders):
-        raise ValueError(
-            f"num_classes must be between 1 and {len(entry.class_folders)} for {name!r}, got {num_classes}"
-        )
-    if images_per_class < MIN_IMAGES_PER_CLASS:
-        raise ValueError(
-            f"images_per_class must be at least {MIN_IMAGES_PER_CLASS} so that the 50/20/30 "
-            f"train/val/test split leaves no split empty, got {images_per_class}"
-        )
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    params: dict[str, Any] = {
-        "generator": "vlprompt.datasets.generate",
-        "version": 1,
-        "name": entry.name,
-        "images_per_class": images_per_class,
-        "image_size": image_size,
-        "seed": seed,
-        "num_classes": n_classes,
-    }
+    params = _params(entry, images_per_class, image_size, seed, num_classes)
     root = Path(root)
     final = root / entry.folder
     if final.exists():
@@ -125,6 +97,38 @@ def generate_dataset(
     return final
 
 
+def _params(
+    entry: CatalogEntry, images_per_class: int | None, image_size: int, seed: int, num_classes: int | None
+) -> dict[str, Any]:
+    """The checked arguments, as recorded in the marker file (defaults filled in)."""
+    if images_per_class is None:
+        images_per_class = entry.images_per_class
+    n_classes = len(entry.class_folders) if num_classes is None else num_classes
+    if not 1 <= n_classes <= len(entry.class_folders):
+        raise ValueError(
+            f"num_classes must be between 1 and {len(entry.class_folders)} for {entry.name!r}, "
+            f"got {num_classes}"
+        )
+    if images_per_class < MIN_IMAGES_PER_CLASS:
+        raise ValueError(
+            f"images_per_class must be at least {MIN_IMAGES_PER_CLASS} so that the 50/20/30 "
+            f"train/val/test split leaves no split empty, got {images_per_class}"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return {
+        "generator": "vlprompt.datasets.generate",
+        "version": 1,
+        "name": entry.name,
+        "images_per_class": images_per_class,
+        "image_size": image_size,
+        "seed": seed,
+        "num_classes": n_classes,
+    }
+
+
 def _reuse(folder: Path, params: dict[str, Any]) -> Path:
     marker = folder / MARKER_FILE
     if not marker.is_file():
@@ -140,50 +144,17 @@ def _reuse(folder: Path, params: dict[str, Any]) -> Path:
     return folder
 
 
-def split_counts(n: int) -> tuple[int, int, int]:
-    """(train, val, test) counts of the 50/20/30 cut of ``n`` images: the generator's per class,
-    and the rules of ``makesplit`` (per class) and ``fashion20`` (per task)."""
-    n_train = round(n * TRAIN_FRACTION)
-    n_val = round(n * VAL_FRACTION)
-    return n_train, n_val, n - n_train - n_val
-
-
 def _write(entry: CatalogEntry, folder: Path, params: dict[str, Any]) -> None:
-    if entry.reader != "split_json":  # FGVC lists, ImageNet family: written by benchmarks.py
-        from vlprompt.datasets.benchmarks import write_layout
+    """The entry's layout writes the stand-in; the marker goes last, so it marks a complete folder."""
 
-        def image_for(label: int, index: int) -> Image.Image:
-            rng = np.random.default_rng([params["seed"], label, index])
-            return render(entry.styles[label], params["image_size"], rng)
+    def draw(style: int, index: int) -> Image.Image:
+        rng = np.random.default_rng([params["seed"], style, index])
+        if entry.world:
+            return render_task_image(entry.world, style, params["image_size"], rng)
+        return render(entry.styles[style], params["image_size"], rng)
 
-        write_layout(entry, folder, params, image_for, _save)
-        text = json.dumps(params, indent=2, sort_keys=True)
-        (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
-        return
-    official = OFFICIAL_FILES.get(entry.annotations) if entry.annotations else None
-    if entry.annotations and official is None:
-        raise ValueError(f"catalog entry {entry.name!r}: no writer for annotations {entry.annotations!r}")
-    image_root = folder / entry.image_dir
-    per_class = params["images_per_class"]
-    n_train, n_val, _ = split_counts(per_class)
-    rows: dict[str, list[Row]] = {split: [] for split in SPLIT_NAMES}
-    for label in range(params["num_classes"]):
-        for index in range(per_class):
-            split = "train" if index < n_train else "val" if index < n_train + n_val else "test"
-            if official is not None and official.image_path is not None:
-                rel = official.image_path(entry, label, index, split, per_class)
-            else:
-                rel = entry.path_pattern.format(cls=entry.class_folders[label], n=index + 1)
-            rng = np.random.default_rng([params["seed"], label, index])
-            if entry.world:
-                image = render_task_image(entry.world, label, params["image_size"], rng)
-            else:
-                image = render(entry.styles[label], params["image_size"], rng)
-            _save(image, image_root / rel)
-            rows[split].append((rel, label, entry.classnames[label]))
-    write_split_file(folder / entry.split_file, rows)
-    if official is not None:  # the files the real dataset ships with, from the same rows
-        official.write(entry, folder, rows, params)
+    stand_in = StandIn(params["num_classes"], params["images_per_class"], params["image_size"], draw, _save)
+    layout_of(entry).write(entry, folder, stand_in)
     text = json.dumps(params, indent=2, sort_keys=True)
     (folder / MARKER_FILE).write_text(text + "\n", encoding="utf-8")
 

@@ -5,8 +5,8 @@ A *task source* is what ``data.dataset`` names under ``data.protocol=multi_task`
 * a **group** of catalog datasets (``GROUPS``): SoftCPT's General-10 (CoOp's 11 minus
   ImageNet, ``reference/METHODS.md`` §5) and the five small-world tasks; each member is one
   task, read with ``load_dataset`` and keyed by its dataset name;
-* a **multi-task dataset** (``fashion20``): one folder holding several tasks, each keyed
-  ``"fashion20/<task name>"`` (``fashion20.py``);
+* a **multi-task dataset**: one whose layout holds several tasks in one folder
+  (``Layout.multitask``; ``fashion20``, each task keyed ``"fashion20/<task name>"``);
 * any other **catalog dataset**: one task, keyed by its name.
 
 ``load_tasks`` returns, per task, its ``DatasetSplits`` (whose ``name`` is the key and whose
@@ -22,12 +22,15 @@ checked before anything starts.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlprompt.datasets.catalog import CATALOG, SMALLWORLD_TASKS, get_entry
+from vlprompt.datasets.files import require_folder
+from vlprompt.datasets.layouts import layout_of
 from vlprompt.datasets.splits import load_dataset
-from vlprompt.datasets.types import DatasetSplits
+from vlprompt.datasets.types import TaskData
+
+__all__ = ["GROUPS", "TaskData", "check_task_source", "is_multitask", "load_tasks", "task_names"]
 
 GROUPS: dict[str, tuple[str, ...]] = {
     # SoftCPT General-10, in its datasets/general10.py order
@@ -38,14 +41,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "sw_all": SMALLWORLD_TASKS,
 }  # fmt: skip
 """Task groups by name: each member a catalog dataset, one task each, in this order."""
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One task of a task source: its splits and the folder for its few-shot cache."""
-
-    splits: DatasetSplits
-    cache_dir: Path
 
 
 def check_task_source(name: str) -> None:
@@ -77,7 +72,7 @@ def task_names(name: str) -> tuple[str, ...]:
 def is_multitask(name: str) -> bool:
     """Whether ``name`` holds several tasks: a group, or a multi-task dataset such as fashion20."""
     check_task_source(name)
-    return name in GROUPS or get_entry(name).multitask
+    return name in GROUPS or layout_of(get_entry(name)).multitask
 
 
 def load_tasks(name: str, root: str | Path, *, make_missing_split: bool = False) -> dict[str, TaskData]:
@@ -105,12 +100,9 @@ def load_tasks(name: str, root: str | Path, *, make_missing_split: bool = False)
 
 def _load_source(name: str, root: Path, make_missing_split: bool) -> dict[str, TaskData]:
     entry = get_entry(name)
-    folder = root / entry.folder
-    if entry.multitask:
-        from vlprompt.datasets.fashion20 import read_fashion20, task_cache_dir
-
-        return {
-            splits.name: TaskData(splits, task_cache_dir(folder, task))
-            for task, splits in read_fashion20(entry, folder, make_missing_split=make_missing_split)
-        }
-    return {name: TaskData(load_dataset(name, root, make_missing_split=make_missing_split), folder)}
+    layout = layout_of(entry)
+    if layout.read_tasks is None:
+        splits = load_dataset(name, root, make_missing_split=make_missing_split)
+        return {name: TaskData(splits, root / entry.folder)}
+    require_folder(entry, root)
+    return {task.splits.name: task for task in layout.read_tasks(entry, root, make_missing_split)}

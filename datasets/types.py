@@ -1,17 +1,24 @@
-"""The two values every other layer receives from ``vlprompt.datasets``.
+"""The values every other layer receives from ``vlprompt.datasets``, and the split-file row.
 
-Both are frozen dataclasses of tuples so that a split, once read, cannot be changed behind
-the back of the code that fingerprinted it (``split_fingerprint``): few-shot sampling and
-the base/novel class split return *new* values instead of editing lists in place, which is
-how Dassl's ``DatasetBase`` lets a cached split and the trained-on split drift apart.
+``Datum`` and ``DatasetSplits`` are frozen dataclasses of tuples so that a split, once read,
+cannot be changed behind the back of the code that fingerprinted it (``split_fingerprint``):
+few-shot sampling and the base/novel class split return *new* values instead of editing
+lists in place, which is how Dassl's ``DatasetBase`` lets a cached split and the trained-on
+split drift apart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 """The splits a CoOp split file holds, in the order they are written, read and hashed."""
+
+Row = tuple[str, int, str]
+"""One row of a CoOp split file: (path relative to the image folder, label, class name)."""
+Rows = dict[str, list[Row]]
+"""A split file's rows by split name (the keys of ``SPLIT_NAMES``)."""
 
 
 @dataclass(frozen=True)
@@ -60,3 +67,11 @@ class DatasetSplits:
         if which not in SPLIT_NAMES:
             raise ValueError(f"unknown split {which!r}; expected one of {', '.join(SPLIT_NAMES)}")
         return getattr(self, which)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task of a task source (``tasks.load_tasks``): its splits and the folder for its few-shot cache."""
+
+    splits: DatasetSplits
+    cache_dir: Path

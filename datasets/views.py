@@ -211,7 +211,7 @@ class AugmentedViews:
 
 
 test_time_views = AugmentedViews
-"""The name the rest of vlprompt uses for the TPT view transform (``vds.test_time_views``)."""
+"""The name the rest of vlprompt uses for the TPT view transform (``views.test_time_views``)."""
 
 
 # The name starts with "test_": stop pytest from collecting it wherever a test module imports it.

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vlprompt import datasets as vds
-from vlprompt.datasets.generate import MARKER_FILE
+from vlprompt.datasets.files import MARKER_FILE
 from vlprompt.orchestrator.protocols import get_protocol
 
 

@@ -9,10 +9,11 @@ import pytest
 
 from vlprompt.datasets import CATALOG, generate_dataset, get_entry, load_dataset, subsample_classes
 from vlprompt.datasets.__main__ import main as cli_main
-from vlprompt.datasets.benchmarks import BENCHMARKS, sun397_name, year_first
+from vlprompt.datasets.benchmarks import BENCHMARKS
 from vlprompt.datasets.generate import MARKER_FILE
 from vlprompt.datasets.imagenet_meta import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS
-from vlprompt.datasets.readers import READERS
+from vlprompt.datasets.layouts import LAYOUTS
+from vlprompt.datasets.official import sun397_name, year_first
 
 TEMPLATES = {  # METHODS.md §0 "Hand-crafted templates"
     "caltech101": "a photo of a {}.",
@@ -56,12 +57,12 @@ def test_entry_layout_template_and_reader(name: str) -> None:
     entry = get_entry(name)
     assert entry.template == TEMPLATES[name]
     assert (entry.folder, entry.image_dir, entry.split_file, entry.num_classes) == LAYOUT[name]
-    assert entry.reader == "split_json" or entry.reader in READERS
+    assert entry.layout_name in LAYOUTS
 
 
 def test_every_entry_has_a_known_reader() -> None:
     assert set(TEMPLATES) <= set(CATALOG)
-    assert {e.reader for e in CATALOG.values()} <= {"split_json", *READERS}
+    assert {e.layout_name for e in CATALOG.values()} <= set(LAYOUTS)
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))

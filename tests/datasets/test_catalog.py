@@ -9,6 +9,7 @@ import pytest
 import vlprompt.datasets as vds
 from vlprompt.datasets import CATALOG, get_entry
 from vlprompt.datasets.__main__ import main as cli_main
+from vlprompt.datasets.benchmarks import BENCHMARKS
 
 EUROSAT_NAMES = (
     "Annual Crop Land",
@@ -108,3 +109,19 @@ def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
     for key in CATALOG:
         assert key in out
     assert "eurosat/2750/AnnualCrop/AnnualCrop_1.jpg" in out
+
+
+@pytest.mark.parametrize("key", sorted(CATALOG))
+def test_procedural_means_generated_with_no_download(key: str) -> None:
+    """``data.generate_missing`` writes procedural data only for these entries unless stand-ins are
+    asked for: the synthetic set and the small world, never a real benchmark's stand-in."""
+    entry = CATALOG[key]
+    assert entry.procedural is (key == "synthetic" or key.startswith("sw_"))
+    if entry.procedural:
+        assert "(generated, no download)" in entry.description
+        assert entry.real_num_classes == 0  # the class lists are the whole dataset
+
+
+def test_every_real_benchmark_is_a_stand_in() -> None:
+    real = {key for key, entry in CATALOG.items() if not entry.procedural}
+    assert real == {*BENCHMARKS, "eurosat", "oxford_pets", "fashion20"}

@@ -19,6 +19,8 @@ from vlprompt.datasets.fashion20 import (
     write_layout,
 )
 from vlprompt.datasets.generate import MARKER_FILE
+from vlprompt.datasets.layout import StandIn
+from vlprompt.datasets.layouts import layout_of
 from vlprompt.datasets.makesplit import make_split
 
 PER_CLASS = 5
@@ -45,7 +47,7 @@ def test_stand_in_matches_the_real_sizes_and_templates() -> None:
     assert TASK_TEMPLATES[0] == "a photo of {}, a type of pants."  # SoftCPT zsclip.py
     assert TASK_TEMPLATES[14] == "a photo of {}, a type of hat."
     assert TASK_TEMPLATES[19] == "a photo of {}, a type of underwear."
-    assert entry.multitask and "task_info.csv" in entry.layout
+    assert layout_of(entry).multitask and "task_info.csv" in entry.layout
 
 
 def test_generated_tree_read_back_per_task(shared_root: Path) -> None:
@@ -236,8 +238,11 @@ def test_writer_gives_each_class_of_a_task_its_own_style(tmp_path: Path) -> None
     calls: list[tuple[int, int]] = []
     saved: list[Path] = []
     entry = get_entry("fashion20")
-    params = {"num_classes": 20, "images_per_class": 4}
-    write_layout(entry, tmp_path, params, lambda style, index: calls.append((style, index)), _record(saved))
+
+    def draw(style: int, index: int) -> None:  # the styles and seeds asked for are what is checked
+        calls.append((style, index))
+
+    write_layout(entry, tmp_path, StandIn(20, 4, 8, draw, _record(saved)))
     assert len(calls) == len(set(calls)) == 78 * 4  # every image its own seed
     by_class: dict[tuple[str, str], set[int]] = {}
     for (style, _), path in zip(calls, saved, strict=True):

@@ -10,16 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vlprompt.datasets import (
-    Datum,
-    ImageDataset,
-    drop_unreadable,
-    generate_dataset,
-    load_dataset,
-    load_image,
-    test_transform,
-    train_transform,
-)
+from vlprompt.datasets import Datum, drop_unreadable, generate_dataset, load_dataset, load_image
+from vlprompt.datasets.images import ImageDataset, test_transform, train_transform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

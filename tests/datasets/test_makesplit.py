@@ -19,9 +19,9 @@ from scipy.io import loadmat
 
 from vlprompt.datasets import generate_dataset, get_entry, load_dataset, make_split
 from vlprompt.datasets.__main__ import main as cli_main
-from vlprompt.datasets.benchmarks import savemat_bytes, sun397_name, ucf101_name
-from vlprompt.datasets.makesplit import RULES, datasets_with_rules, split_rule
-from vlprompt.datasets.splits import read_split_file
+from vlprompt.datasets.makesplit import datasets_with_rules
+from vlprompt.datasets.official import RULES, savemat_bytes, sun397_name, ucf101_name
+from vlprompt.datasets.splitjson import read_split_file
 
 TRAINVAL_RULES = ("oxford_pets", "stanford_cars", "sun397", "ucf101")  # official train(val)/test, 80/20
 OFFICIAL = (*TRAINVAL_RULES, "oxford_flowers")
@@ -44,8 +44,8 @@ def by_path(items) -> dict[str, tuple[int, str]]:
 
 def test_every_split_json_benchmark_has_a_rule() -> None:
     for name in ("caltech101", "dtd", "eurosat", "food101", *OFFICIAL):
-        assert split_rule(get_entry(name)) in RULES, name
-    assert split_rule(get_entry("oxford_pets")) == "oxford_pets"
+        assert get_entry(name).split_rule in RULES, name
+    assert get_entry("oxford_pets").split_rule == "oxford_pets"
     assert {"oxford_pets", "sun397", "ucf101"} <= set(datasets_with_rules())
     assert "fgvc_aircraft" not in datasets_with_rules() and "synthetic" not in datasets_with_rules()
 

@@ -19,11 +19,11 @@ from vlprompt.datasets import (
     split_fingerprint,
 )
 from vlprompt.datasets.__main__ import main as cli_main
-from vlprompt.datasets.generate import split_counts
+from vlprompt.datasets.cuts import split_counts
 
 
 # Entries without a split file (FGVC-Aircraft, the ImageNet family) are read back in test_benchmarks.py.
-@pytest.mark.parametrize("key", sorted(k for k, e in CATALOG.items() if e.reader == "split_json"))
+@pytest.mark.parametrize("key", sorted(k for k, e in CATALOG.items() if e.layout_name == "split_json"))
 def test_generated_entry_reads_back(tmp_path: Path, key: str) -> None:
     entry = get_entry(key)
     folder = generate_dataset(key, tmp_path, images_per_class=5)

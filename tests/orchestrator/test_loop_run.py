@@ -167,7 +167,7 @@ def test_every_registered_method_runs_through_the_loop(tmp_path, name):
 
 def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, monkeypatch):
     """The full-batch hook replaces SGD: weights are the train-split solution for the chosen C."""
-    from vlprompt import datasets as vds
+    from vlprompt.datasets.images import ImageDataset, test_transform
     from vlprompt.methods.linear_probe import LinearProbe, solve
     from vlprompt.orchestrator.data import prepare_data
 
@@ -202,8 +202,8 @@ def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, 
     train, backbone = seen["train"], seen["backbone"]
     splits = prepare_data(cfg).tasks["synthetic"]
     assert train.labels.tolist() == [d.label for d in splits.train]
-    tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
-    images = torch.stack([vds.ImageDataset(splits.train[:3], tf)[i][0] for i in range(3)])
+    tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    images = torch.stack([ImageDataset(splits.train[:3], tf)[i][0] for i in range(3)])
     with torch.no_grad():
         assert torch.allclose(train.features[:3], backbone.encode_image(images).float(), atol=1e-5)
     assert len(seen["val"]) == len(splits.val) > 0

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from vlprompt import datasets as vds
 from vlprompt.datasets import tasks as vtasks
+from vlprompt.datasets.images import test_transform
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import load_backbone
@@ -88,7 +89,7 @@ def test_a_multi_task_step_minimises_the_summed_loss_over_the_batch(tmp_path):
         torch.manual_seed(0)
         return build_method("coop", backbone, classes, {"n_ctx": 2})
 
-    tf = vds.test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    tf = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
     source = Source({name: s.train for name, s in splits.items()}, tf, 0)
     source.cache_views(Encoder(backbone, CPU, 64, {}), 1)
     cfg = OmegaConf.create({"seed": 1, "train": {"batch_size": len(source)}})
