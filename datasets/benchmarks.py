@@ -2,7 +2,7 @@
 
 ``BENCHMARKS`` holds one ``CatalogEntry`` per dataset (``catalog.py`` puts them into
 ``CATALOG``). Folders, image dirs, split-file names, templates and class-name rules follow
-``reference/METHODS.md`` §0 (CoOp ``DATASETS.md``, ``datasets/*.py``, ``zsclip.py``). Each
+``KaiyangZhou/CoOp`` (``DATASETS.md``, ``datasets/*.py``, ``trainers/zsclip.py``). Each
 names its layout (``layout_name``; split JSON unless said) and, for a split-JSON benchmark,
 the official-files rule (``split_rule``, ``official.RULES``) that regenerates its split file
 and writes its stand-in's annotation files.

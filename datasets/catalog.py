@@ -8,8 +8,8 @@ colour/shape style per class). Adding a dataset is adding one entry to ``CATALOG
 is registered by import side effects (CoOp issue #38). Each entry is checked against its
 layout when the catalog is built, so a misnamed layout or rule fails at import.
 
-Layouts, split-file names, templates and class renames follow ``reference/METHODS.md`` §0
-(CoOp ``DATASETS.md``, ``trainers/zsclip.py`` ``CUSTOM_TEMPLATES``).
+Layouts, split-file names, templates and class renames follow ``KaiyangZhou/CoOp``
+(``DATASETS.md``, ``datasets/*.py``, ``trainers/zsclip.py`` ``CUSTOM_TEMPLATES``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fashion-20 (SoftCPT): 20 fashion-attribute classification tasks, 78 classes, in one folder.
 
-The layout SoftCPT's ``datasets/fashion20.py`` reads (``reference/METHODS.md`` §5)::
+The layout SoftCPT's ``datasets/fashion20.py`` reads (``kding1225/softcpt``)::
 
     fashion20/task_info.csv            a header line, then one line per task:
                                        <id> TAB <task name> TAB <description> TAB <label, label, ...>

@@ -1,9 +1,10 @@
 """The few-shot protocol: seeded K-shot subsets and the base/novel class split.
 
 Both follow the reference code exactly so that a (split file, K, seed) triple names the
-same images here as in the CoOp papers (``reference/METHODS.md`` §0 "Few-shot sampling",
-"Base-to-novel split"). Apply them in the reference order: ``sample_fewshot`` on the full
-dataset first, then ``subsample_classes``.
+same images here as in the CoOp papers (Dassl ``data/datasets/base_dataset.py``
+``generate_fewshot_dataset``; CoOp ``datasets/oxford_pets.py`` ``subsample_classes``). Apply
+them in the reference order: ``sample_fewshot`` on the full dataset first, then
+``subsample_classes``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The only torch-using modules of the package are this one and ``views.py``; impor
 name (``from vlprompt.datasets.images import ImageDataset``): ``import vlprompt.datasets``
 does not pull in torch.
 
-The transforms are the Dassl/CoOp ones (``reference/METHODS.md`` §0 "Transforms"); the
+The transforms are the Dassl/CoOp ones (Dassl ``data/transforms/transforms.py``
+``build_transform``, CoOp's ``configs/trainers/*/vit_b16*.yaml`` ``INPUT`` settings); the
 caller passes the backbone's own input size, mean and std so a non-224 or non-OpenAI
 backbone gets matching preprocessing. Their ``repr`` lists every step and parameter, so
 the orchestrator can log the exact transform with each run (transform drift silently moved

@@ -9,7 +9,7 @@ every pretraining batch on the fly (no files).
 The same scenes, constrained per class, make the downstream tasks (:data:`TASKS`): each task
 maps a label to a scene, so ``generate_dataset`` writes it in the standard split-file layout
 like any other catalog entry. Tasks are built so that a hand-written template is *not*
-enough (``/work/shared/reference/SMALL_WORLD.md``): fine-grained shades the captions seldom
+enough: fine-grained shades the captions seldom
 name, satellite class names the captions seldom use, counting, distractor objects, and
 renderings (inverted colours) that pretraining never showed.
 """

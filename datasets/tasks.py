@@ -3,8 +3,8 @@
 A *task source* is what ``data.dataset`` names under ``data.protocol=multi_task``:
 
 * a **group** of catalog datasets (``GROUPS``): SoftCPT's General-10 (CoOp's 11 minus
-  ImageNet, ``reference/METHODS.md`` §5) and the five small-world tasks; each member is one
-  task, read with ``load_dataset`` and keyed by its dataset name;
+  ImageNet, ``kding1225/softcpt`` ``datasets/general10.py``) and the five small-world tasks;
+  each member is one task, read with ``load_dataset`` and keyed by its dataset name;
 * a **multi-task dataset**: one whose layout holds several tasks in one folder
   (``Layout.multitask``; ``fashion20``, each task keyed ``"fashion20/<task name>"``);
 * any other **catalog dataset**: one task, keyed by its name.

@@ -5,7 +5,7 @@ original. :func:`test_time_views` builds the per-image transform the ``test_time
 runs in its DataLoader; it returns ``(original (C, H, W), views (n_views, C, H, W))``.
 
 Matches ``azshue/TPT data/datautils.py`` (``AugMixAugmenter``, ``augmix``) and
-``data/augmix_ops.py`` (``reference/METHODS.md`` §7):
+``data/augmix_ops.py``:
 
 * original: the test transform -- shorter side resized to ``image_size`` (bicubic), centre
   crop, tensor, normalise (:func:`vlprompt.datasets.images.test_transform`, bit for bit);

@@ -15,7 +15,7 @@ from vlprompt.datasets.imagenet_meta import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, 
 from vlprompt.datasets.layouts import LAYOUTS
 from vlprompt.datasets.official import sun397_name, year_first
 
-TEMPLATES = {  # METHODS.md §0 "Hand-crafted templates"
+TEMPLATES = {  # CoOp trainers/zsclip.py CUSTOM_TEMPLATES
     "caltech101": "a photo of a {}.",
     "dtd": "{} texture.",
     "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
@@ -30,7 +30,7 @@ TEMPLATES = {  # METHODS.md §0 "Hand-crafted templates"
     "imagenet_a": "a photo of a {}.",
     "imagenet_r": "a photo of a {}.",
 }
-LAYOUT = {  # METHODS.md §0 "Dataset layout + split files": folder, image dir, split file, #classes
+LAYOUT = {  # CoOp DATASETS.md: folder, image dir, split file, #classes
     "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100),
     "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json", 196),
     "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102),

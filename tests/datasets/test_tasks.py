@@ -24,7 +24,7 @@ from vlprompt.datasets import tasks as vtasks
 from vlprompt.datasets.__main__ import main as cli_main
 from vlprompt.datasets.catalog import SMALLWORLD_TASKS
 
-COOP_11 = (  # METHODS.md §0: CoOp's 11 few-shot datasets
+COOP_11 = (  # CoOp's 11 few-shot datasets (KaiyangZhou/CoOp DATASETS.md)
     "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
 )  # fmt: skip
