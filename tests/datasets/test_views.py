@@ -102,6 +102,7 @@ def test_bad_options(options: dict, message: str) -> None:
         test_time_views(24, CLIP_MEAN, CLIP_STD, **kwargs)
 
 
+@pytest.mark.e2e  # spawns DataLoader worker processes (seconds)
 def test_runs_in_spawned_dataloader_workers(image: Image.Image, tmp_path: Path) -> None:
     """Spawned workers receive the transform pickled, as on any platform without fork."""
     path = tmp_path / "image.png"

@@ -88,6 +88,7 @@ def test_zero_shot_is_well_above_chance(tmp_path: Path) -> None:
     assert _run(tmp_path, "sw_textures", "zeroshot")["test_acc"] > 2 * chance
 
 
+@pytest.mark.e2e  # two whole runs of the loop
 def test_short_coop_run_beats_zero_shot(tmp_path: Path) -> None:
     """The first test that tells a working prompt learner from a broken one on a real model."""
     task = "sw_counting"  # the hand-written "a photo of {} objects." is not enough
