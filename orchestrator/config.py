@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
         layers.append(("command line", _read_overrides(overrides)))
     for origin, layer in layers:
         cfg = _merge(cfg, layer, origin)
+        if origin == "command line":
+            _pin_axes(cfg, layer)
     validate(cfg)
     check_space(cfg)
     OmegaConf.set_readonly(cfg, True)
@@ -127,6 +130,38 @@ def _merge(cfg: DictConfig, layer: Any, origin: str) -> DictConfig:
         raise ConfigError(
             f"{origin}: {_first_line(err)} (check the shape of every key this layer sets)"
         ) from None
+
+
+def _pin_axes(cfg: DictConfig, layer: DictConfig) -> None:
+    """A command-line ``key=value`` for a key the preset's ``sweep.space`` sweeps pins that axis.
+
+    ``--config quickstart data.shots=4`` means "4 shots", not "the preset's shots axis with my
+    value silently replaced". The axis goes; axes conditioned on it keep the condition's verdict
+    for the pinned value (their ``when`` on it is dropped, or the axis itself when it fails). A
+    command line that sets ``sweep.space`` itself is taken as it is.
+    """
+    sweep = layer.get("sweep")
+    if OmegaConf.is_config(sweep) and "space" in sweep:
+        return
+    space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
+    pinned = {key: OmegaConf.select(cfg, key) for key in flatten(layer) if key in space}
+    if not pinned:
+        return
+    kept = {}
+    for key, spec in space.items():
+        if key in pinned:
+            continue
+        when = dict(spec.get("when") or {})
+        holds = [_holds(when.pop(k), pinned[k]) for k in list(when) if k in pinned]
+        if all(holds):
+            kept[key] = {**spec, "when": when} if when else {k: v for k, v in spec.items() if k != "when"}
+    cfg.sweep.space = kept
+    shown = ", ".join(f"{k}={v}" for k, v in pinned.items())
+    print(f"[vlprompt] {shown} from the command line: that sweep.space axis is fixed", file=sys.stderr)
+
+
+def _holds(condition: Any, value: Any) -> bool:
+    return value in condition if isinstance(condition, list | tuple) else value == condition
 
 
 def _first_line(err: Exception) -> str:

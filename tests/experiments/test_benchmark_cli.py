@@ -121,6 +121,13 @@ def test_missing_data_root_is_one_error_before_ray(benchmark, workdir, capsys, n
     )
 
 
+def test_a_typo_in_the_data_root_never_trains_on_fake_data(benchmark, workdir, capsys, no_ray):
+    """The quickstart generates missing *procedural* data; a real benchmark under a typo is an error."""
+    argv = ["--config", "quickstart", "data.dataset=eurosat", "data.root=/no/such/root"]
+    _refused(benchmark, argv, "/no/such/root", capsys)
+    assert not Path("/no/such/root").exists()
+
+
 def test_missing_benchmark_folder_says_how_to_get_a_stand_in(benchmark, workdir, capsys, no_ray):
     _refused(benchmark, _data_argv(workdir, "data.dataset=eurosat"), "generate_stand_ins", capsys)
 

@@ -168,3 +168,20 @@ def test_every_point_of_the_space_is_a_valid_trial():
     assert len(trials) == 18  # quickstart: 2 datasets x (zero-shot + 2 methods x 2 shots x 2 seeds)
     assert {t.method.name for t in trials} == {"zeroshot", "coop", "kgcoop"}
     assert all("n_ctx" not in t.method for t in trials if t.method.name == "zeroshot")
+
+
+def test_a_command_line_value_pins_the_axis_the_preset_sweeps(capsys):
+    """``--config quickstart data.shots=4`` means 4 shots, not the preset's shots axis."""
+    from vlprompt.orchestrator.config import space_trials
+
+    trials = list(space_trials(load_config("quickstart", ["data.shots=4"])))
+    assert {t.data.shots for t in trials} == {4} and len(trials) == 10
+    assert "data.shots=4 from the command line" in capsys.readouterr().err
+    # axes conditioned on a pinned key keep the condition's verdict for the pinned value
+    coop = list(space_trials(load_config("quickstart", ["method.name=coop"])))
+    assert {t.method.name for t in coop} == {"coop"} and {t.seed for t in coop} == {1, 2}
+    zeroshot = list(space_trials(load_config("quickstart", ["method.name=zeroshot"])))
+    assert len(zeroshot) == 2 and {t.seed for t in zeroshot} == {1}
+    # a command line that gives the space itself is taken as given
+    explicit = load_config("quickstart", ["data.shots=4", "sweep.space={data.shots: {choice: [1, 2]}}"])
+    assert list(explicit.sweep.space) == ["data.shots"]
