@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +172,17 @@ def methods_with(capability: str) -> tuple[str, ...]:
     return tuple(sorted(n for n, spec in METHODS.items() if getattr(spec.capabilities, capability)))
 
 
+def check_option_names(name: str, keys: Iterable[str]) -> None:
+    """``ValueError`` naming the first key that is not an option of method ``name``, with a did-you-mean."""
+    valid = method_option_names(name)
+    for key in keys:
+        if key not in valid:
+            raise ValueError(
+                f"unknown option {key!r} for method {name!r}{_did_you_mean(str(key), valid)}; "
+                f"valid options: {', '.join(valid)}"
+            )
+
+
 def method_config(name: str, options: Mapping[str, Any]) -> Any:
     """Method ``name``'s options dataclass from plain options; ``ValueError`` naming a bad key or value.
 
@@ -179,13 +190,7 @@ def method_config(name: str, options: Mapping[str, Any]) -> Any:
     that name another method (``method_with``) or hold its options (``options_of``) are checked
     against that method's registry entry.
     """
-    valid = method_option_names(name)
-    for key in options:
-        if key not in valid:
-            raise ValueError(
-                f"unknown option {key!r} for method {name!r}{_did_you_mean(str(key), valid)}; "
-                f"valid options: {', '.join(valid)}"
-            )
+    check_option_names(name, options)
     cfg = get_method(name).options(**options)
     for f in dataclasses.fields(cfg):
         _check_reference(name, cfg, f)

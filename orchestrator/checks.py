@@ -22,7 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlprompt import datasets as vds
-from vlprompt.methods import METHODS, capabilities, get_method, method_config, method_option_names
+from vlprompt.methods import (
+    METHODS,
+    capabilities,
+    check_option_names,
+    get_method,
+    method_config,
+    method_option_names,
+)
 from vlprompt.methods.pretrained import BUNDLED, bundled_models, model_names
 from vlprompt.orchestrator.protocols import PROTOCOLS, get_protocol
 from vlprompt.orchestrator.schema import SECTIONS, ConfigError, structured
@@ -177,10 +184,7 @@ def _typed(name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``options`` merged onto method ``name``'s options class (OmegaConf types them); nested
     options of another method (``options_of`` fields) typed against that method's class."""
     options_class = get_method(name).options
-    valid = method_option_names(name)
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        method_config(name, {unknown[0]: None})  # the registry's message, with its did-you-mean
+    check_option_names(name, options)
     try:
         merged = OmegaConf.merge(structured(options_class), options)
     except OmegaConfBaseException as err:

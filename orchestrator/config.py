@@ -27,7 +27,7 @@ from vlprompt.methods import get_method, method_option_names
 from vlprompt.methods.pretrained import is_checkpoint_path
 from vlprompt.orchestrator.checks import method_options, project_method, validate
 from vlprompt.orchestrator.schema import SECTIONS, ConfigError, ExperimentConfig, flatten, structured
-from vlprompt.orchestrator.search_space import grid_points
+from vlprompt.orchestrator.search_space import condition_holds, grid_points
 
 __all__ = [
     "PRESET_DIR",
@@ -152,16 +152,12 @@ def _pin_axes(cfg: DictConfig, layer: DictConfig) -> None:
         if key in pinned:
             continue
         when = dict(spec.get("when") or {})
-        holds = [_holds(when.pop(k), pinned[k]) for k in list(when) if k in pinned]
+        holds = [condition_holds(when.pop(k), pinned[k]) for k in list(when) if k in pinned]
         if all(holds):
             kept[key] = {**spec, "when": when} if when else {k: v for k, v in spec.items() if k != "when"}
     cfg.sweep.space = kept
     shown = ", ".join(f"{k}={v}" for k, v in pinned.items())
     print(f"[vlprompt] {shown} from the command line: that sweep.space axis is fixed", file=sys.stderr)
-
-
-def _holds(condition: Any, value: Any) -> bool:
-    return value in condition if isinstance(condition, list | tuple) else value == condition
 
 
 def _first_line(err: Exception) -> str:

@@ -23,12 +23,14 @@ def optuna_name(key: str) -> str:
     return key.replace(".", "/")
 
 
+def condition_holds(condition: Any, value: Any) -> bool:
+    """One ``when`` condition: a list means "any of these", anything else "equal to it"."""
+    return value in condition if isinstance(condition, list | tuple) else value == condition
+
+
 def _active(spec: Mapping[str, Any], point: Mapping[str, Any]) -> bool:
-    """All ``when`` conditions hold; a list value means "any of these"."""
-    return all(
-        point.get(k) in v if isinstance(v, list | tuple) else point.get(k) == v
-        for k, v in (spec.get("when") or {}).items()
-    )
+    """All ``when`` conditions hold."""
+    return all(condition_holds(v, point.get(k)) for k, v in (spec.get("when") or {}).items())
 
 
 def _ordered(space: Space) -> list[str]:
