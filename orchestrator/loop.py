@@ -79,7 +79,12 @@ class Setup:
 
     @property
     def fits(self) -> bool:
-        return self.caps.fits_features and self.protocol.trains
+        return fits_full_batch(self.caps, self.protocol)
+
+
+def fits_full_batch(caps: Capabilities, protocol: Protocol) -> bool:
+    """One full-batch ``fit`` replaces the SGD epochs: a ``fits_features`` method, where training happens."""
+    return caps.fits_features and protocol.trains
 
 
 class Tracker:
@@ -176,7 +181,7 @@ def set_up(cfg: DictConfig, ctx: WorkerContext, data: RunData) -> Setup:
     method = build(data.tasks)
     broadcast_parameters(trainable_parameters(method), ctx)
     views = caps.test_time_views(typed) if caps.test_time_views and not protocol.trains else None
-    transforms = make_transforms(cfg, backbone, fit=caps.fits_features and protocol.trains, views=views)
+    transforms = make_transforms(cfg, backbone, fit=fits_full_batch(caps, protocol), views=views)
     workers = cfg.data.loader_workers
     # nothing trained: no training items to index (ImageNet's are 1.28 million)
     train = Source(
