@@ -23,25 +23,27 @@ from vlprompt.orchestrator.data import ensure_datasets
 from vlprompt.orchestrator.protocols import get_protocol
 
 
-def data_setups(cfg: DictConfig) -> list[DictConfig]:
-    """One trial config per distinct data setup among the sweep's trials."""
-    seen: dict[tuple, DictConfig] = {}
+def preflight(cfg: DictConfig) -> None:
+    """Generate what may be generated, then read every dataset the sweep needs; ``ConfigError``.
+
+    Trials that read the same datasets the same way are read once, and their shot counts are
+    checked against that one reading (a sweep over 5 shot counts lists ImageNet once, not 5 times).
+    """
+    readings: dict[tuple, list[DictConfig]] = {}
     for trial in space_trials(cfg):
         d = trial.data
-        key = (d.root, d.dataset, tuple(d.eval_targets), d.protocol, d.shots, d.generate_missing,
-               d.generate_stand_ins, d.make_missing_splits)  # fmt: skip
-        seen.setdefault(key, trial)
-    return list(seen.values())
+        key = (d.root, d.dataset, tuple(d.eval_targets), d.generate_missing, d.generate_stand_ins,
+               d.make_missing_splits)  # fmt: skip
+        readings.setdefault(key, []).append(trial)
+    for trials in readings.values():
+        tasks = read_data(trials[0])
+        shots = {t.data.shots for t in trials if get_protocol(t.data.protocol).fewshot}
+        for count in sorted(shots):
+            check_shots(tasks, count)
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Generate what may be generated, then read every dataset the sweep needs; ``ConfigError``."""
-    for trial in data_setups(cfg):
-        check_data(trial)
-
-
-def check_data(cfg: DictConfig) -> None:
-    """One data setup: its datasets exist and read, and every class has ``data.shots`` images."""
+def read_data(cfg: DictConfig) -> dict[str, vds.TaskData]:
+    """The task source and targets of ``cfg``, generated where allowed, read by the real readers."""
     ensure_datasets(cfg)
     root = Path(cfg.data.root)
     if not root.is_dir():
@@ -57,12 +59,16 @@ def check_data(cfg: DictConfig) -> None:
             vds.load_dataset(name, root, make_missing_split=make_split)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.dataset={cfg.data.dataset}: {err}{_generate_hint(cfg)}") from None
-    if get_protocol(cfg.data.protocol).fewshot:
-        for task in tasks.values():
-            try:
-                vds.sample_fewshot(task.splits, cfg.data.shots, cfg.seed)
-            except ValueError as err:
-                raise ConfigError(f"data.shots={cfg.data.shots}: {err}") from None
+    return tasks
+
+
+def check_shots(tasks: dict[str, vds.TaskData], shots: int) -> None:
+    """Every class of every task has ``shots`` training images (the sampler's own check)."""
+    for task in tasks.values():
+        try:
+            vds.sample_fewshot(task.splits, shots, seed=1)
+        except ValueError as err:
+            raise ConfigError(f"data.shots={shots}: {err}") from None
 
 
 def _generate_hint(cfg: DictConfig) -> str:
