@@ -61,16 +61,18 @@ def _print_outcome(outcome: Any, seconds: float) -> None:
 
     print()
     print(
-        f"Results of sweep {outcome.name!r} ({len(outcome.rows)} trials, "
+        f"Results of sweep {outcome.name!r} ({len(outcome.rows)} configurations, "
         f"{seconds:.0f} s; accuracy in %, mean ± std over seeds):"
     )
     print(results.to_markdown(results.summarise(outcome.rows)))
     for row in outcome.failed:
         print(
-            f"FAILED trial: {row.get('method')} {row.get('dataset')} shots={row.get('shots')} "
+            f"FAILED: {row.get('method')} {row.get('dataset')} shots={row.get('shots')} "
             f"seed={row.get('seed')}: {row['error']}",
             file=sys.stderr,
         )
+    if outcome.overhead_per_configuration_s is not None:
+        print(f"Orchestration overhead: {outcome.overhead_per_configuration_s:.1f} s per configuration")
     print(
         f"MLflow: tracking URI {outcome.tracking_uri}, experiment id {outcome.experiment_id}, "
         f"sweep (parent) run {outcome.parent_run_id}"

@@ -51,6 +51,8 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "resources.cpus_per_worker": (0, True),
     "resources.gpus_per_worker": (0, True),
     "resources.max_concurrent_trials": (0, False),
+    "resources.health_check_interval_s": (0, True),
+    "sweep.bundle_size": (0, False),
     "sweep.num_samples": (0, False),
 }
 

@@ -391,24 +391,52 @@ def learned_files(
 # ------------------------------------------------------------------------------------ Ray Train
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
+def train_bundle(config: dict[str, Any]) -> None:
+    """Entry of every Ray Train worker (via ``trial.worker_entry``): a bundle's runs in turn.
+
+    ``config["runs"]``: per configuration its plain config, ``config_digest``, run name and
+    tags. Rank 0 opens each configuration's MLflow child run as it starts and closes it as it
+    ends, so a configuration that finished stays FINISHED whatever happens to the ones after it.
+    Every configuration reports once (``ray.train.report``): one Tune result each.
+    """
+    for spec in config["runs"]:
+        run_configuration(spec, config["tracking_uri"], config["experiment_id"], config["parent_run_id"])
+
+
+def run_configuration(spec: Mapping[str, Any], uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """One configuration of a bundle: its child run (rank 0) around :func:`run`, one report."""
     import ray.train
-    import ray.train.torch
 
     context = ray.train.get_context()
-    cfg = OmegaConf.create({k: v for k, v in config.items() if not k.startswith("_")})
-    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
-    if cfg.train.device == "cpu":
-        device = torch.device("cpu")
-    else:
-        device = ray.train.torch.get_device()
-        if cfg.train.device == "cuda" and device.type != "cuda":
-            raise RuntimeError("train.device=cuda but this worker has no GPU; set resources.use_gpu=true")
-    ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), device)
+    cfg = OmegaConf.create(dict(spec["config"]))
+    ctx = worker_context(cfg, context.get_world_rank(), context.get_world_size())
+    run_id = None
+    if ctx.is_main:
+        run_id = tracking.start_run(uri, experiment_id, spec["name"], spec["tags"], parent_run_id)
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        extra = {"config_digest": spec["digest"], "run_id": run_id or ""}
+        ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
 
-    run(cfg, ctx, config.get("_run_id"), report)
+    try:
+        run(cfg, ctx, run_id, report)
+    except BaseException as err:
+        if run_id is not None:
+            tracking.finish_run(uri, run_id, err)
+        raise
+    if run_id is not None:
+        tracking.finish_run(uri, run_id)
+
+
+def worker_context(cfg: DictConfig, rank: int, world_size: int) -> WorkerContext:
+    """This worker's rank and device (``train.device``; auto: the GPU Ray gave it, if any)."""
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    if cfg.train.device == "cpu":
+        return WorkerContext(rank, world_size, torch.device("cpu"))
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if cfg.train.device == "cuda" and device.type != "cuda":
+        raise RuntimeError("train.device=cuda but this worker has no GPU; set resources.use_gpu=true")
+    return WorkerContext(rank, world_size, device)

@@ -89,6 +89,12 @@ class ResourcesConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only when GPUs are used
     max_concurrent_trials: int = 0  # 0: as many as the cluster's resources allow
+    # how often Ray Train's controller polls its workers (Ray's default 2 s is waited out at the
+    # end of every short Train run)
+    health_check_interval_s: float = 0.2
+    # a Ray started by the sweep itself (no RAY_ADDRESS): with its dashboard (seconds of start-up
+    # and a few background processes); a cluster you attach to keeps whatever it has
+    local_dashboard: bool = False
 
 
 @dataclass
@@ -107,6 +113,9 @@ class SweepConfig:
     mode: str = _choice("max", "max", "min")
     space: dict[str, Any] = field(default_factory=dict)  # "section.key": {choice: [...], when: {...}}
     storage_path: str = _path("dir", "ray_results")
+    # grid only: most configurations one trial runs in turn in one Train run (orchestrator/
+    # bundles.py); 0: as many as keep every concurrent trial busy; 1: one per trial
+    bundle_size: int = 0
 
 
 @dataclass

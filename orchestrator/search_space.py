@@ -7,8 +7,9 @@ into Optuna names with ``/`` (``method/n_ctx``), which Ray's
 ``OptunaSearch`` nests back into ``config["method"]["n_ctx"]``.
 
 ``sampler: grid`` visits every valid point exactly once: the points are enumerated here
-(conditions respected, so no duplicate zero-shot trials per ``n_ctx``) and enqueued
-into the Optuna study, whose define-by-run function then returns them one by one.
+(conditions respected, so no duplicate zero-shot trials per ``n_ctx``), grouped into bundles
+(``orchestrator/bundles.py``) and handed to Tune as a grid over bundles; the adaptive samplers
+(TPE, random) ask Optuna through :class:`DefineByRun`.
 """
 
 from __future__ import annotations
@@ -85,10 +86,6 @@ def grid_points(space: Space) -> list[dict[str, Any]]:
         points = grown
     unique = {tuple(sorted(p.items(), key=lambda kv: kv[0])): p for p in points}
     return list(unique.values())
-
-
-def as_optuna_point(point: Mapping[str, Any]) -> dict[str, Any]:
-    return {optuna_name(k): v for k, v in point.items()}
 
 
 def grid_size(space: Space) -> int:

@@ -1,17 +1,24 @@
 """A sweep = Ray Tune + Optuna over the config's search space; one trial = one Ray Train run.
 
-Shape (Ray Train V2 inside Tune, as in Ray's ``train_tune_interop`` example): the Tune
-trainable is a plain function holding a token CPU; it creates the trial's MLflow child
-run, launches a ``TorchTrainer`` whose workers run :func:`vlprompt.orchestrator.loop.train_loop`,
-and marks the child run FINISHED or FAILED — so a run is never left RUNNING, even when
-its workers die. A config without ``sweep.space`` is a sweep of one trial: one path for
+Shape (Ray Train V2 inside Tune, as in Ray's ``train_tune_interop`` example): the Tune trainable
+(``orchestrator/trial.py``) is a plain function holding a token CPU that launches one Train run
+for its *bundle* of configurations (``orchestrator/bundles.py``: grid points that share a model,
+dataset and protocol run in turn in one Train run; an adaptive sampler's trial is a bundle of
+one). Each configuration is its own MLflow child run and its own Tune result; the results table
+is read back from the child runs, so a configuration finished in an earlier launch of a resumed
+sweep keeps its row. A config without ``sweep.space`` is a sweep of one trial: one path for
 everything.
+
+Overhead is measured where it happens, boundary to boundary: the driver's :class:`TrialClock`
+times each trial from the moment Tune starts it (actor start included) to its end, and logs
+each configuration's share of what the trial spent outside the loop (``ray_overhead_s``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +27,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vlprompt.orchestrator import results, tracking
-from vlprompt.orchestrator.config import ConfigError, flatten, resolve_paths, trial_config
+from vlprompt.orchestrator.bundles import config_digest, make_bundles
+from vlprompt.orchestrator.config import ConfigError, apply_point, flatten, resolve_paths
 from vlprompt.orchestrator.data import generated_datasets
 from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
-from vlprompt.orchestrator.search_space import DefineByRun, as_optuna_point, grid_points
+from vlprompt.orchestrator.search_space import DefineByRun, grid_points
+from vlprompt.orchestrator.trial import bundle_configs, plain_config, run_trial
+
+#: Per-configuration metrics a results row carries (the table picks its columns from them).
+ROW_METRICS = (*results.METRIC_COLUMNS, "ray_overhead_s", "time_trial_s")
 
 
 @dataclass
@@ -36,6 +48,7 @@ class SweepOutcome:
     storage_path: str
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
     wall_s: float = 0.0
+    overhead_per_configuration_s: float | None = None  # see slot_overhead
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -43,69 +56,12 @@ class SweepOutcome:
 
 
 # --------------------------------------------------------------------------------------
-# trial side
-
-
-def run_name(cfg: DictConfig, trial_id: str) -> str:
-    return f"{cfg.method.name}-{cfg.data.dataset}-{cfg.data.shots}shot-seed{cfg.seed}-{trial_id}"
-
-
-def _trial(config: dict[str, Any]) -> None:
-    """The Tune trainable: one MLflow child run around one TorchTrainer.fit()."""
-    import ray.tune
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from vlprompt.orchestrator.loop import train_loop
-
-    trial_id = ray.tune.get_context().get_trial_id()
-    uri, plan = config["_tracking_uri"], config["_plan"]
-    started = time.perf_counter()
-    run_id: str | None = None
-    try:
-        cfg = trial_config(config)
-        run_id = tracking.start_run(
-            uri,
-            config["_experiment_id"],
-            run_name(cfg, trial_id),
-            tags={"trial_id": trial_id, "sweep": cfg.sweep.name},
-            parent_run_id=config["_parent_run_id"],
-        )
-        worker_config = {**OmegaConf.to_container(cfg, resolve=True), "_run_id": run_id}
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=worker_config,
-            scaling_config=ScalingConfig(
-                num_workers=plan["num_workers"],
-                use_gpu=plan["use_gpu"],
-                resources_per_worker=plan["resources_per_worker"],
-            ),
-            run_config=RunConfig(
-                name=f"train-{trial_id}",
-                storage_path=cfg.sweep.storage_path,
-                callbacks=[TuneReportCallback()],
-            ),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        wall = time.perf_counter() - started
-        worker = (result.metrics or {}).get("time_worker_s", float("nan"))
-        tracking.log_metrics(uri, run_id, {"time_trial_s": wall, "ray_overhead_s": wall - worker})
-        tracking.finish_run(uri, run_id)
-    except BaseException as err:
-        if run_id is not None:
-            tracking.finish_run(uri, run_id, err)
-        raise
-
-
-# --------------------------------------------------------------------------------------
 # driver side
 
 
-def connect_ray(address: str | None = None) -> None:
-    """Attach to ``address`` / ``$RAY_ADDRESS`` when given, else start Ray in this process."""
+def connect_ray(cfg: DictConfig | None = None, address: str | None = None) -> None:
+    """Attach to ``address`` / ``$RAY_ADDRESS`` when given, else start Ray in this process
+    (with its dashboard only when ``resources.local_dashboard`` asks for it)."""
     import ray
 
     if ray.is_initialized():
@@ -114,7 +70,8 @@ def connect_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(log_to_driver=True)
+        dashboard = bool(cfg.resources.local_dashboard) if cfg is not None else False
+        ray.init(log_to_driver=True, include_dashboard=dashboard)
 
 
 def _fresh_name(storage: Path, name: str, resume: bool) -> str:
@@ -128,7 +85,7 @@ def _fresh_name(storage: Path, name: str, resume: bool) -> str:
 
 
 def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None = None) -> SweepOutcome:
-    """Run the whole sweep described by ``cfg`` and return one row per trial.
+    """Run the whole sweep described by ``cfg`` and return one row per configuration.
 
     Everything that can fail without Ray fails first: paths are made absolute and every dataset
     the sweep reads is checked (``preflight``) before Ray starts.
@@ -140,41 +97,77 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     cfg.sweep.name = _fresh_name(storage, cfg.sweep.name, resume)
     space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
     points = grid_points(space) if space and cfg.sweep.sampler == "grid" else []
-    num_trials = len(points) if points else (cfg.sweep.num_samples if space else 1)
+    num_configs = len(points) if points else (cfg.sweep.num_samples if space else 1)
     preflight(cfg)
 
-    connect_ray()
-    r = cfg.resources
-    plan = plan_resources(
-        ray.cluster_resources(),
-        num_workers=r.num_workers,
-        use_gpu=r.use_gpu,
-        cpus_per_worker=r.cpus_per_worker,
-        gpus_per_worker=r.gpus_per_worker,
-        max_concurrent_trials=r.max_concurrent_trials,
-        num_trials=num_trials,
-    )
+    connect_ray(cfg)
+    plan = _plan(cfg, ray.cluster_resources(), num_configs)
+    bundles = _bundles(cfg, points, plan.max_concurrent_trials)
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_trials)
+    parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_configs)
     print(
-        f"[vlprompt] sweep {cfg.sweep.name!r}: {num_trials} trial(s), "
-        f"{plan.max_concurrent_trials} at a time, "
+        f"[vlprompt] sweep {cfg.sweep.name!r}: {num_configs} configuration(s) in "
+        f"{len(bundles) if points else num_configs} trial(s), {plan.max_concurrent_trials} at a time, "
         f"{plan.num_workers} worker(s) × {plan.resources_per_worker} per trial; MLflow run {parent} at {uri}",
         flush=True,
     )
     outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage))
-    tuner = _tuner(cfg, storage, resume, plan, space, points, num_trials, (uri, experiment_id, parent))
-    started = time.perf_counter()
+    from vlprompt.orchestrator.trial_clock import TrialClock  # imports ray.tune
+
+    clock = TrialClock(uri)
+    run = (uri, experiment_id, parent)
+    tuner = _tuner(cfg, storage, resume, plan, space, bundles, num_configs, run, clock)
+    started, launched_ms = time.perf_counter(), int(time.time() * 1000)
     try:
-        outcome.rows = [_row(r) for r in tuner.fit()]
+        grid = tuner.fit()
     except BaseException as err:
         tracking.fail_unfinished_children(uri, experiment_id, parent, f"sweep aborted: {err!r}")
         tracking.finish_run(uri, parent, err)
         raise
     outcome.wall_s = time.perf_counter() - started
+    children = tracking.sweep_children(uri, experiment_id, parent)
+    outcome.rows = _rows(list(grid), children)
+    slots = min(plan.max_concurrent_trials, len(bundles) if points else num_configs)
+    outcome.overhead_per_configuration_s = slot_overhead(children, launched_ms, outcome.wall_s, slots)
     _finish_parent(cfg, outcome)
     return outcome
+
+
+def slot_overhead(children: list[Any], launched_ms: int, wall_s: float, slots: int) -> float | None:
+    """Orchestration cost per configuration, boundary to boundary: of the time the sweep's
+    ``slots`` concurrent trial slots were open (``wall_s`` each), what the configurations run in
+    this launch did not spend in their loop (``time_worker_s``), per configuration. Includes
+    everything a per-trial clock cannot see: Tune scheduling, actor starts, gaps between trials."""
+    ran = [
+        c for c in children if (c.info.start_time or 0) >= launched_ms and "time_worker_s" in c.data.metrics
+    ]
+    if not ran:
+        return None
+    worker = sum(c.data.metrics["time_worker_s"] for c in ran)
+    return max(0.0, wall_s * slots - worker) / len(ran)
+
+
+def _plan(cfg: DictConfig, cluster: dict[str, float], num_configs: int) -> ResourcePlan:
+    r = cfg.resources
+    return plan_resources(
+        cluster,
+        num_workers=r.num_workers,
+        use_gpu=r.use_gpu,
+        cpus_per_worker=r.cpus_per_worker,
+        gpus_per_worker=r.gpus_per_worker,
+        max_concurrent_trials=r.max_concurrent_trials,
+        num_trials=num_configs,
+    )
+
+
+def _bundles(cfg: DictConfig, points: list[dict[str, Any]], slots: int) -> list[list[dict[str, Any]]]:
+    """The grid's points in bundles (``orchestrator/bundles.py``); no grid: none."""
+    if not points:
+        return []
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    configs = [apply_point(plain, point) for point in points]
+    return make_bundles(configs, points, slots, cfg.sweep.bundle_size)
 
 
 def _tuner(
@@ -183,18 +176,52 @@ def _tuner(
     resume: bool,
     plan: ResourcePlan,
     space: dict[str, Any],
-    points: list[dict[str, Any]],
-    num_trials: int,
+    bundles: list[list[dict[str, Any]]],
+    num_configs: int,
     run: tuple[str, str, str],
+    clock: Any,
 ) -> Any:
-    """The Tune experiment: restored when resuming, else a new one searching ``space`` with Optuna."""
+    """The Tune experiment: restored when resuming, else a new one over the grid's bundles
+    (``tune.grid_search``) or searching ``space`` with Optuna (trials of one configuration)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
+    run_config = tune.RunConfig(name=cfg.sweep.name, storage_path=str(storage), verbose=1, callbacks=[clock])
     if resume and tune.Tuner.can_restore(str(storage / cfg.sweep.name)):
+        # the restored experiment keeps its pickled run config, TrialClock included
         return tune.Tuner.restore(str(storage / cfg.sweep.name), trainable, resume_errored=True)
+    param_space = _param_space(cfg, plan, run)
+    search_alg, num_samples = None, num_configs
+    if bundles:
+        param_space["_bundle"] = tune.grid_search(bundles)
+        num_samples = 1  # grid_search repeats the grid num_samples times
+    elif space:
+        searcher = OptunaSearch(
+            space=DefineByRun(space),
+            metric=cfg.sweep.metric,
+            mode=cfg.sweep.mode,
+            sampler=_sampler(cfg.sweep.sampler, cfg.seed),
+        )
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent_trials)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=plan.max_concurrent_trials,
+            metric=cfg.sweep.metric,
+            mode=cfg.sweep.mode,
+        ),
+        run_config=run_config,
+    )
+
+
+def _param_space(cfg: DictConfig, plan: ResourcePlan, run: tuple[str, str, str]) -> dict[str, Any]:
+    """The trial's config: the preset (space removed: it lives in the searcher or the bundles)
+    plus what the trial needs to know about the sweep (private ``_`` keys)."""
     uri, experiment_id, parent = run
     param_space = {
         **OmegaConf.to_container(cfg, resolve=True),
@@ -206,30 +233,10 @@ def _tuner(
         "_tracking_uri": uri,
         "_experiment_id": experiment_id,
         "_parent_run_id": parent,
+        "_health_check_interval_s": cfg.resources.health_check_interval_s,
     }
-    param_space["sweep"] = {**param_space["sweep"], "space": {}}  # the space lives in the searcher
-    search_alg = None
-    if space:
-        searcher = OptunaSearch(
-            space=DefineByRun(space),
-            metric=cfg.sweep.metric,
-            mode=cfg.sweep.mode,
-            points_to_evaluate=[as_optuna_point(p) for p in points] or None,
-            sampler=_sampler(cfg.sweep.sampler, cfg.seed),
-        )
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent_trials)
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            search_alg=search_alg,
-            num_samples=num_trials,
-            max_concurrent_trials=plan.max_concurrent_trials,
-            metric=cfg.sweep.metric,
-            mode=cfg.sweep.mode,
-        ),
-        run_config=tune.RunConfig(name=cfg.sweep.name, storage_path=str(storage), verbose=1),
-    )
+    param_space["sweep"] = {**param_space["sweep"], "space": {}}
+    return param_space
 
 
 def _sampler(name: str, seed: int) -> Any:
@@ -284,12 +291,26 @@ def _parent_run(
     return run_id
 
 
-def _row(result: Any) -> dict[str, Any]:
-    """One results-table row from a Tune result: the swept coordinates and the metrics."""
-    try:
-        cfg = trial_config(result.config)
-    except ConfigError as err:
-        return {"error": str(err)}
+def _rows(results: list[Any], children: list[Any]) -> list[dict[str, Any]]:
+    """One results-table row per configuration of every trial's bundle, its metrics read from
+    the configuration's child run (a FINISHED one if any: resumed sweeps keep earlier rows)."""
+    runs: dict[str, list[Any]] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        runs.setdefault(run.data.tags.get("config_digest", ""), []).append(run)
+    rows = []
+    for result in results:
+        try:
+            cfgs = bundle_configs(result.config)
+        except ConfigError as err:
+            rows.append({"error": str(err)})
+            continue
+        for cfg in cfgs:
+            rows.append(_row(cfg, runs.get(config_digest(plain_config(cfg)), []), result.error))
+    return rows
+
+
+def _row(cfg: DictConfig, runs: list[Any], trial_error: BaseException | None) -> dict[str, Any]:
+    """The swept coordinates and the metrics of one configuration (its child runs, oldest first)."""
     row: dict[str, Any] = {
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
@@ -300,19 +321,24 @@ def _row(result: Any) -> dict[str, Any]:
         "model": cfg.model.name,
         "options": {k: v for k, v in cfg.method.items() if k != "name"},
     }
-    row.update(
-        {
-            k: v
-            for k, v in (result.metrics or {}).items()
-            if k in results.METRIC_COLUMNS or k.startswith("target_acc/")
-        }
-    )
-    if result.error is not None:
-        row["error"] = error_summary(result.error)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    run = finished[-1] if finished else (runs[-1] if runs else None)
+    if run is not None:
+        row["run_id"] = run.info.run_id
+        metrics = run.data.metrics.items()
+        row.update({k: v for k, v in metrics if k in ROW_METRICS or k.startswith("target_acc/")})
+    if finished:
+        return row
+    if run is not None and "error" in run.data.tags:
+        row["error"] = error_summary(run.data.tags["error"])
+    elif trial_error is not None:
+        row["error"] = "not run: its trial failed first: " + error_summary(trial_error)
+    else:
+        row["error"] = "not run (the trial ended before this configuration started)"
     return row
 
 
-def error_summary(error: BaseException) -> str:
+def error_summary(error: BaseException | str) -> str:
     """The root cause of a trial's error in one line, whole (Ray wraps it in RayTaskErrors whose
     last line is the original ``Type: message``, which names the file or key and the fix)."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
@@ -336,18 +362,23 @@ def _finish_parent(cfg: DictConfig, outcome: SweepOutcome) -> None:
         "results",
     )
     finished = [r for r in outcome.rows if not r.get("error") and cfg.sweep.metric in r]
+    overheads = sorted(r["ray_overhead_s"] for r in outcome.rows if "ray_overhead_s" in r)
     metrics = {
-        "num_trials": len(outcome.rows),
+        "num_configurations": len(outcome.rows),
         "num_failed": len(outcome.failed),
         "sweep_wall_s": outcome.wall_s,
     }
+    if overheads:
+        metrics["median_ray_overhead_s"] = statistics.median(overheads)
+    if outcome.overhead_per_configuration_s is not None:
+        metrics["overhead_per_configuration_s"] = outcome.overhead_per_configuration_s
     if finished:
         pick = max if cfg.sweep.mode == "max" else min
         metrics[f"best_{cfg.sweep.metric}"] = pick(r[cfg.sweep.metric] for r in finished)
     tracking.log_metrics(uri, parent, metrics)
     error = None
     if outcome.failed:
-        error = f"{len(outcome.failed)} of {len(outcome.rows)} trials failed: " + "; ".join(
+        error = f"{len(outcome.failed)} of {len(outcome.rows)} configurations failed: " + "; ".join(
             r["error"] for r in outcome.failed[:5]
         )
     tracking.finish_run(uri, parent, error)

@@ -29,7 +29,10 @@ PARENT_TAG = "mlflow.parentRunId"
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
+@cache
 def client(uri: str) -> MlflowClient:
+    """One client per tracking URI and process, reused: creating one initialises its store
+    (for SQLite, an SQLAlchemy engine and a schema check), which costs more than most calls."""
     return MlflowClient(tracking_uri=uri)
 
 
@@ -90,16 +93,46 @@ def finish_run(uri: str, run_id: str, error: BaseException | str | None = None) 
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
-def fail_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
-    """Mark children still RUNNING (their trial process died before it could) as FAILED."""
-    c = client(uri)
-    runs = c.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
+def fail_unfinished_children(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    reason: BaseException | str,
+    trial_id: str | None = None,
+) -> int:
+    """Mark children still RUNNING (their process died before it could) as FAILED.
+
+    ``trial_id``: only that trial's children (a trial cleaning up after its own Train run).
+    """
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if trial_id is not None:
+        query += f" and tags.trial_id = '{trial_id}'"
+    runs = children(uri, experiment_id, query)
     for run in runs:
         finish_run(uri, run.info.run_id, reason)
     return len(runs)
+
+
+def children(uri: str, experiment_id: str, query: str) -> list[Any]:
+    """Every run matching ``query`` (all pages)."""
+    c, runs, token = client(uri), [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def sweep_children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
+    return children(uri, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def finished_digests(uri: str, experiment_id: str, parent_run_id: str) -> set[str]:
+    """The ``config_digest`` tags of a sweep's FINISHED child runs: configurations done already."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    tags = (r.data.tags for r in children(uri, experiment_id, query))
+    return {t["config_digest"] for t in tags if "config_digest" in t}
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:

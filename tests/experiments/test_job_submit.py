@@ -55,7 +55,7 @@ def test_ray_job_submit_runs_the_benchmark_and_logs_to_mlflow(ray_head, mlflow_s
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["num_trials"] == 2 and parent.data.metrics["num_failed"] == 0
+    assert parent.data.metrics["num_configurations"] == 2 and parent.data.metrics["num_failed"] == 0
     children = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )

@@ -54,7 +54,7 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     client = MlflowClient(outcome.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FAILED"
-    assert "1 of 2 trials failed" in parent.data.tags["error"]
+    assert "1 of 2 configurations failed" in parent.data.tags["error"]
     children = client.search_runs(
         [outcome.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
     )
