@@ -29,6 +29,9 @@ from vlprompt.orchestrator.config import apply_point, trial_config
 #: Ray Train's controller polls its workers this often (Ray's default: 2 s, which a trial of a
 #: few seconds waits out at its end). Propagated from the trial process to the controller.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+#: Ray Train re-routes a worker's ``print`` through its logger, which the driver then shows next
+#: to the worker's plain stdout: every progress line twice. Off: once.
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def run_name(cfg: DictConfig, trial_id: str) -> str:
@@ -68,6 +71,7 @@ def run_trial(config: dict[str, Any]) -> None:
         for c in todo
     ]
     os.environ.setdefault(HEALTH_CHECK_ENV, str(config["_health_check_interval_s"]))
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
     trainer_class = _trainer_class(plan["num_workers"])
     trainer = trainer_class(
         worker_entry,
