@@ -18,7 +18,8 @@ i.e. every OpenAI/LAION CLIP), tokenised by open_clip's ``SimpleTokenizer``.
 
 Memory. The text tower encodes at most ``text_chunk_size`` prompts at once. Without gradients
 that alone bounds memory; under gradients every chunk's activations would be kept for backward
-(about 8 GB for 1000 ImageNet classes on ViT-B/16 in fp32), so each chunk then runs under
+(CoOp on ViT-B/16, fp32, 25-token prompts: 2.3 GiB saved at 400 classes, so ~5.7 GiB at 1000;
+``experiments/bench_text_memory.py``), so each chunk then runs under
 non-reentrant activation checkpointing (``text_checkpoint``): only the chunk inputs are kept and
 one chunk's activations are re-computed and live at a time in the backward pass. Gradients are
 the same numbers either way (the re-computation runs the same kernels on the same inputs).
