@@ -16,6 +16,14 @@ Supported: open_clip ``CLIP`` and ``CustomTextCLIP`` models whose text tower is 
 own causal ``TextTransformer`` pooled at the end-of-text token (``pool_type="argmax"``,
 i.e. every OpenAI/LAION CLIP), tokenised by open_clip's ``SimpleTokenizer``.
 
+Memory. The text tower encodes at most ``text_chunk_size`` prompts at once. Without gradients
+that alone bounds memory; under gradients every chunk's activations would be kept for backward
+(CoOp on ViT-B/16, fp32, 25-token prompts: 2.3 GiB saved at 400 classes, so ~5.7 GiB at 1000;
+``experiments/bench_text_memory.py``), so each chunk then runs under
+non-reentrant activation checkpointing (``text_checkpoint``): only the chunk inputs are kept and
+one chunk's activations are re-computed and live at a time in the backward pass. Gradients are
+the same numbers either way (the re-computation runs the same kernels on the same inputs).
+
 Tiny architectures for tests and laptops live in ``model_configs/`` as open_clip JSON and
 are registered with ``open_clip.add_model_config`` when this module is imported.
 """
@@ -30,6 +38,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.utils.checkpoint
 from open_clip.model import CLIP, CustomTextCLIP, get_input_dtype
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
@@ -47,6 +56,11 @@ from vlprompt.methods.pretrained import (
 #: hidden state to feed the block. Text: same shape (deep prompts replace tokens in place).
 #: Vision: may append tokens at the end (deep visual prompts); see :meth:`Backbone.encode_image`.
 LayerHook = Callable[[int, Tensor], Tensor]
+
+#: When text chunks are re-computed in backward instead of kept (``Backbone.text_checkpoint``):
+#: ``auto`` under gradients when the prompts span more than one chunk, ``always`` under gradients,
+#: ``never``. Mirrored by ``model.text_checkpoint``'s choices in ``orchestrator/schema.py`` (tested).
+TEXT_CHECKPOINT_MODES = ("auto", "always", "never")
 
 #: Called once with the image tower's embedded tokens ``(N, 1 + patches, W)`` (class token +
 #: patches + positional embedding) before ``ln_pre``; may append tokens at the end.
@@ -168,6 +182,7 @@ def load_backbone(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     text_chunk_size: int = 1000,
+    text_checkpoint: str = "auto",
 ) -> Backbone:
     """Build an open_clip model, freeze it and wrap it.
 
@@ -182,7 +197,10 @@ def load_backbone(
         precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``); methods keep
             their own parameters in fp32 either way.
         text_chunk_size: most prompts the text tower encodes at once (see
-            :meth:`Backbone.encode_text_embeddings`); bounds memory for 1000-class datasets.
+            :meth:`Backbone.encode_text_embeddings`); with ``text_checkpoint`` it bounds
+            memory for 1000-class datasets in training as well as in evaluation.
+        text_checkpoint: when chunks are re-computed in backward rather than kept
+            (:data:`TEXT_CHECKPOINT_MODES`; :meth:`Backbone.checkpoints_text`).
     """
     check_model_name(model_name)
     checkpoint = resolve_pretrained(model_name, pretrained)
@@ -199,6 +217,7 @@ def load_backbone(
         name=model_name,
         precision=precision,
         text_chunk_size=text_chunk_size,
+        text_checkpoint=text_checkpoint,
     )
 
 
@@ -244,6 +263,7 @@ class Backbone(nn.Module):
         name: str = "",
         precision: str = "fp32",
         text_chunk_size: int = 1000,
+        text_checkpoint: str = "auto",
     ) -> None:
         super().__init__()
         self.name = name or type(model).__name__
@@ -252,7 +272,12 @@ class Backbone(nn.Module):
         self.tokenizer: SimpleTokenizer = tokenizer
         if text_chunk_size < 1:
             raise ValueError(f"text_chunk_size must be >= 1, got {text_chunk_size}")
+        if text_checkpoint not in TEXT_CHECKPOINT_MODES:
+            raise ValueError(
+                f"text_checkpoint must be one of {', '.join(TEXT_CHECKPOINT_MODES)}, got {text_checkpoint!r}"
+            )
         self.text_chunk_size = text_chunk_size
+        self.text_checkpoint = text_checkpoint
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg["size"]
         if isinstance(size, Sequence):
@@ -373,6 +398,7 @@ class Backbone(nn.Module):
         layer_hook: LayerHook | None = None,
         block_hooks: BlockHooks | None = None,
         chunk_size: int | None = None,
+        checkpoint: bool | None = None,
     ) -> Tensor:
         """Text features ``(N, D)`` (not normalised) from token embeddings ``x`` ``(N, L, W)``.
 
@@ -390,6 +416,11 @@ class Backbone(nn.Module):
             block_hooks: hooks inside every block (:class:`BlockHooks`), same-shape too.
             chunk_size: encode at most this many rows at once (default: the backbone's
                 ``text_chunk_size``); the hooks then see one chunk's rows at a time.
+            checkpoint: re-compute each chunk in the backward pass instead of keeping its
+                activations (``torch.utils.checkpoint``, non-reentrant, so hooks closing over
+                learnable tensors still get their gradients). Default: the backbone's
+                :meth:`checkpoints_text` rule; ``False`` for a caller that checkpoints itself
+                (CoCoOp's passes). Only takes effect under gradients; numbers are the same.
         """
         if x.ndim != 3 or eot.shape != x.shape[:1]:
             raise ValueError(
@@ -398,13 +429,57 @@ class Backbone(nn.Module):
         if x.shape[1] > self.context_length:
             raise ValueError(f"{x.shape[1]} positions exceed the context length {self.context_length}")
         size = chunk_size or self.text_chunk_size
-        if x.shape[0] <= size:
-            return self._encode_chunk(x, eot, truncate, layer_hook, block_hooks)
-        return torch.cat(
-            [
-                self._encode_chunk(xc, ec, truncate, layer_hook, block_hooks)
-                for xc, ec in zip(x.split(size), eot.split(size), strict=True)
-            ]
+        n_chunks = -(-x.shape[0] // size)
+        recompute = self.checkpoints_text(n_chunks) if checkpoint is None else checkpoint
+        recompute = recompute and torch.is_grad_enabled()
+        encode = self._checkpointed_chunk if recompute else self._encode_chunk
+        if recompute and truncate:
+            # The checkpoints keep their inputs until backward: keep only the positions any chunk
+            # reads (a copy, so the full-context tensor is not kept alive through a view).
+            x = x[:, : int(eot.max()) + 1].contiguous()
+        if n_chunks == 1:
+            return encode(x, eot, truncate, layer_hook, block_hooks)
+        chunks = zip(x.split(size), eot.split(size), strict=True)
+        return torch.cat([encode(xc, ec, truncate, layer_hook, block_hooks) for xc, ec in chunks])
+
+    def checkpoints_text(self, n_chunks: int) -> bool:
+        """Whether text encoding split into ``n_chunks`` chunks re-computes them in backward.
+
+        Without gradients nothing is kept anyway, so never. Under gradients, ``auto`` does when
+        there is more than one chunk -- the case where keeping every chunk's activations breaks
+        the memory bound chunking promises. A single chunk's activations are live at the start
+        of backward either way, so ``auto`` does not pay the re-computation for it; ``always``
+        does, so that they are not held while the rest of the step runs (the image tower's
+        forward and backward). ``never`` keeps everything: fastest, when memory is plentiful.
+        """
+        if self.text_checkpoint == "never" or not torch.is_grad_enabled():
+            return False
+        return self.text_checkpoint == "always" or n_chunks > 1
+
+    def _checkpointed_chunk(
+        self,
+        x: Tensor,
+        eot: Tensor,
+        truncate: bool,
+        layer_hook: LayerHook | None,
+        block_hooks: BlockHooks | None,
+    ) -> Tensor:
+        """:meth:`_encode_chunk` re-computed in backward: only ``x`` and ``eot`` are kept.
+
+        Non-reentrant checkpointing, because hooks close over learnable tensors (deep prompts,
+        biases) that are no inputs of the call: it records them in the graph as they are used,
+        where the reentrant variant would cut their gradients. No RNG state to restore: the
+        frozen tower runs in eval mode, without dropout.
+        """
+        return torch.utils.checkpoint.checkpoint(
+            self._encode_chunk,
+            x,
+            eot,
+            truncate,
+            layer_hook,
+            block_hooks,
+            use_reentrant=False,
+            preserve_rng_state=False,
         )
 
     def _encode_chunk(

@@ -23,8 +23,10 @@ Deliberate changes:
   once per image (``n_cls`` prompts each). Here the ``B × n_cls`` image-conditioned prompts of
   a batch go through the tower together, in passes of at most ``max_prompts_per_pass``
   prompts (a pass may end inside one image's classes). With more than one pass and
-  gradients on, each pass is re-computed in the backward pass (activation checkpointing),
-  so training memory is bounded by one pass, not the batch. Logits and gradients equal the
+  gradients on, each pass is re-computed in the backward pass (activation checkpointing,
+  the backbone's ``text_checkpoint`` rule applied to the passes: ``never`` keeps them all,
+  ``always`` checkpoints a single pass too), so training memory is bounded by one pass, not
+  the batch. Logits and gradients equal the
   per-image maths (tested); the mean loss over a batch is what the loop optimises.
 * fp32 context, Meta-Net and logits (the reference halves the Meta-Net with the fp16 CLIP).
 * prompts cut at their longest EOS before the tower (exact; the tower is causal).
@@ -107,31 +109,49 @@ class CoCoOp(nn.Module):
         length = int(self.prompts.eot[rows].max()) + 1  # the tower is causal: later positions never matter
         total, budget = n_images * n_cls, self.max_prompts_per_pass
         args = (ctx, rows.start, n_cls, length)
-        if total <= budget:
-            return self._encode_span(0, total, *args).view(n_images, n_cls, -1)
+        if total <= budget:  # one pass: the backbone's text_checkpoint rule decides, as for CoOp
+            return self._encode_span(0, total, *args, None).view(n_images, n_cls, -1)
         # Keep only each pass's output, re-running the pass in backward: memory ~ one pass.
-        recompute = torch.is_grad_enabled() and ctx.requires_grad
+        # The passes are this method's chunks, so the backbone's rule is asked about them and
+        # the tower is told not to checkpoint again inside a pass.
+        recompute = self.backbone.checkpoints_text(-(-total // budget))
         parts = []
         for start in range(0, total, budget):
             stop = min(start + budget, total)
             if recompute:
                 parts.append(
                     checkpoint(
-                        self._encode_span, start, stop, *args, use_reentrant=False, preserve_rng_state=False
+                        self._encode_span,
+                        start,
+                        stop,
+                        *args,
+                        False,
+                        use_reentrant=False,
+                        preserve_rng_state=False,
                     )
                 )
             else:
-                parts.append(self._encode_span(start, stop, *args))
+                parts.append(self._encode_span(start, stop, *args, False))
         return torch.cat(parts).view(n_images, n_cls, -1)
 
     def _encode_span(
-        self, start: int, stop: int, ctx: Tensor, first_row: int, n_cls: int, length: int
+        self,
+        start: int,
+        stop: int,
+        ctx: Tensor,
+        first_row: int,
+        n_cls: int,
+        length: int,
+        tower_checkpoint: bool | None,
     ) -> Tensor:
-        """Prompts ``start:stop`` of the image-major (image, class) list, encoded in one pass."""
+        """Prompts ``start:stop`` of the image-major (image, class) list, encoded in one pass
+        (``tower_checkpoint``: the tower's own checkpointing, :meth:`Backbone.encode_text_embeddings`)."""
         pairs = torch.arange(start, stop, device=ctx.device)
         image, row = pairs // n_cls, first_row + pairs % n_cls
         x = self.prompts.embed(ctx[image], row, length)
-        return self.backbone.encode_text_embeddings(x, self.prompts.eot[row], chunk_size=stop - start)
+        return self.backbone.encode_text_embeddings(
+            x, self.prompts.eot[row], chunk_size=stop - start, checkpoint=tower_checkpoint
+        )
 
     def training_loss(self, batch: Batch) -> Tensor:
         return cross_entropy(self.logits(batch), batch.labels)

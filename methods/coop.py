@@ -21,7 +21,9 @@ Deliberate changes:
 * fp32 context and logits (the reference keeps the whole CLIP and ``ctx`` in fp16); the
   backbone may still run in fp16/bf16 (``load_backbone(precision=...)``).
 * the text tower runs on prompts truncated at their longest EOS (exact; the tower is causal)
-  and in chunks of ``backbone.text_chunk_size`` prompts.
+  and in chunks of ``backbone.text_chunk_size`` prompts; in training, with more than one chunk,
+  each chunk is re-computed in backward instead of kept (``backbone.text_checkpoint``), so a
+  1000-class step holds one chunk's activations, not all (gradients bit-equal, tested).
 * multi-task: one generic ``ctx`` shared by every task (class-specific: one row per class
   of every task); a batch uses its task's prompts only.
 * a prompt that does not fit the context length is an error naming the class, where the

@@ -27,8 +27,9 @@ Deliberate changes:
 * the reference's ``bias_vectors``, ``meta_net`` and ``adapter`` are never trained or used in
   the loss; they are left out (the trainable count is the same).
 * the knowledge term is always in the loss (the reference's AMP branch drops it).
-* fp32 context and logits; prompts truncated at their longest EOS and encoded in chunks;
-  evaluation caches the text features until ``ctx`` changes (all exact, as CoOp here).
+* fp32 context and logits; prompts truncated at their longest EOS and encoded in chunks
+  (re-computed in backward when there are several, as CoOp's); evaluation caches the text
+  features until ``ctx`` changes (all exact, as CoOp here).
 * multi-task: one ``ctx`` for every task; a batch's loss (both terms) covers its task's classes.
 """
 

@@ -254,7 +254,8 @@ class CoCoOpConfig:
     then sets M. Empty: random N(0, 0.02²) init."""
     max_prompts_per_pass: int | None = option(None, at_least=1)
     """Most image-conditioned prompts (images × classes) encoded in one text-tower pass; bounds
-    memory in training and evaluation. None: the backbone's ``text_chunk_size``."""
+    memory in training (several passes are re-computed in backward, by the backbone's
+    ``text_checkpoint`` rule) and evaluation. None: the backbone's ``text_chunk_size``."""
 
     def __post_init__(self) -> None:
         check_fields(self, "cocoop")

@@ -50,7 +50,9 @@ Deliberate changes:
   (a transfer target is built with the same options and other tasks).
 * only the class prompts of the batch's task are encoded (the reference encodes every class of
   every task at every step and keeps one block per task: the same logits for that task).
-* the text tower runs on prompts truncated at their longest EOS and in chunks (exact; causal).
+* the text tower runs on prompts truncated at their longest EOS and in chunks (exact; causal);
+  with several chunks, training re-computes each in backward instead of keeping it (same
+  gradients; ``backbone.text_checkpoint``).
 * a task or class prompt that does not fit the context length is an error naming it, where the
   reference's tokenizer would raise on the whole batch (tasks) or silently cut (classes).
 * word init counts tokens, not words (equal when each word is one token).

@@ -47,6 +47,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.feature_views": (0, False),
     "train.crop_min_scale": (0, True),
     "data.loader_workers": (0, False),
+    "model.text_chunk_size": (1, False),
     "resources.num_workers": (1, False),
     "resources.cpus_per_worker": (0, True),
     "resources.gpus_per_worker": (0, True),

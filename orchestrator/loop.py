@@ -168,7 +168,12 @@ def set_up(cfg: DictConfig, ctx: WorkerContext, data: RunData) -> Setup:
     """Backbone, method (same initial values on every rank), transforms, batches, cached features."""
     protocol = get_protocol(cfg.data.protocol)
     backbone = load_backbone(
-        cfg.model.name, cfg.model.pretrained, device=ctx.device, precision=cfg.model.precision
+        cfg.model.name,
+        cfg.model.pretrained,
+        device=ctx.device,
+        precision=cfg.model.precision,
+        text_chunk_size=cfg.model.text_chunk_size,
+        text_checkpoint=cfg.model.text_checkpoint,
     )
     name, typed = method_options(cfg.method)
     caps = capabilities(name)

@@ -37,6 +37,12 @@ class ModelConfig:
     # an open_clip tag ("openai"), "bundled", a checkpoint path, or null for random init
     pretrained: str | None = _path("weights", None)
     precision: str = _choice("fp32", "fp32", "bf16", "fp16")  # backbone weights
+    # the memory budget of the text tower (methods/clip.py): most prompts encoded at once, and
+    # when those chunks are re-computed in backward instead of kept (auto: under gradients when
+    # the prompts span more than one chunk; always: under gradients; never). Same numbers
+    # either way; checkpointing trades about one extra text forward per step for memory.
+    text_chunk_size: int = 1000
+    text_checkpoint: str = _choice("auto", "auto", "always", "never")
 
 
 @dataclass

@@ -49,6 +49,8 @@ def test_overrides_apply_in_order():
         (["data.shots"], "section.key=value"),
         (["data.dataset=eurosatt"], "eurosat"),
         (["model.name=ViT-B-61"], "ViT-B-16"),
+        (["model.text_chunk_size=0"], "model.text_chunk_size must be >= 1, got 0"),
+        (["model.text_checkpoint=sometimes"], "model.text_checkpoint='sometimes' is not one of auto, always"),
         (["sweep.metric=hm"], "sweep.metric"),  # few-shot runs report no harmonic mean
         (["data.protocol=cross_dataset"], "data.eval_targets"),
         (["data.eval_targets=[eurosat]"], "cross_dataset"),
@@ -148,6 +150,18 @@ def test_protocol_choices_and_metrics_come_from_the_protocol_registry():
                     f"sweep.metric={metric}",
                 ],
             )
+
+
+def test_text_memory_keys_offer_what_the_backbone_accepts():
+    from vlprompt.methods.clip import TEXT_CHECKPOINT_MODES
+    from vlprompt.orchestrator.schema import ModelConfig
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(ModelConfig)}
+    assert choices["text_checkpoint"] == TEXT_CHECKPOINT_MODES
+    cfg = load_config("quickstart")
+    assert (cfg.model.text_chunk_size, cfg.model.text_checkpoint) == (1000, "auto")
+    cfg = load_config("quickstart", ["model.text_chunk_size=250", "model.text_checkpoint=always"])
+    assert (cfg.model.text_chunk_size, cfg.model.text_checkpoint) == (250, "always")
 
 
 def test_method_options_are_typed_by_their_dataclass():

@@ -63,6 +63,24 @@ def test_same_config_and_seed_give_the_same_prompt_and_metrics(tmp_path):
     assert 0.0 <= m1["test_acc"] <= 100.0
 
 
+def test_text_memory_budget_reaches_the_backbone_and_moves_no_number(tmp_path, monkeypatch):
+    from vlprompt.orchestrator import loop
+
+    built = []
+
+    def load_backbone(*args, **kwargs):
+        built.append(kwargs)
+        return real(*args, **kwargs)
+
+    real = loop.load_backbone
+    monkeypatch.setattr(loop, "load_backbone", load_backbone)
+    kept, k = _learned(tmp_path, _cfg(tmp_path, "model.text_chunk_size=2", "model.text_checkpoint=never"))
+    recomputed, r = _learned(tmp_path, _cfg(tmp_path, "model.text_chunk_size=2"))
+    assert [(b["text_chunk_size"], b["text_checkpoint"]) for b in built] == [(2, "never"), (2, "auto")]
+    assert torch.equal(k["state"]["ctx"], r["state"]["ctx"])  # several chunks, re-computed: same steps
+    assert (kept["test_acc"], kept["val_acc"]) == (recomputed["test_acc"], recomputed["val_acc"])
+
+
 def test_training_moves_the_prompt_and_logs_everything_to_mlflow(tmp_path):
     cfg = _cfg(tmp_path, "method.ctx_init=a photo of a", "train.epochs=4")
     uri = cfg.tracking.uri
