@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlprompt.orchestrator import results, tracking
 from vlprompt.orchestrator.config import ConfigError, flatten, resolve_paths, trial_config
 from vlprompt.orchestrator.data import generated_datasets
+from vlprompt.orchestrator.pipeline import fill_feature_cache, planned_trials
 from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, as_optuna_point, grid_points
@@ -154,6 +155,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
         max_concurrent_trials=r.max_concurrent_trials,
         num_trials=num_trials,
     )
+    fill_feature_cache(cfg, planned_trials(cfg), plan)  # frozen image features, encoded once with Ray Data
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_trials)
