@@ -115,6 +115,7 @@ def test_a_replaced_image_is_encoded_again(tmp_path):
     from vlprompt.orchestrator.data import prepare_data
 
     first, _ = _run(_cfg(tmp_path, *SMALL))
+    assert first["feature_images_encoded"] > 1
     test = prepare_data(_cfg(tmp_path)).eval_sets[0].items
     Path(test[0].path).write_bytes(Path(test[1].path).read_bytes())  # new content, same name
     second, _ = _run(_cfg(tmp_path, *SMALL))
