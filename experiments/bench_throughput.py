@@ -13,6 +13,14 @@ Sections (issue 9's benchmark):
   loop's own time, ``overhead_per_configuration_s``), the median per-configuration
   ``ray_overhead_s``, the sweep wall times, and that the two give identical accuracies.
 
+* ``epochs`` -- one CoOp epoch on images (the image tower run every step, ``view_mode=images``)
+  against one epoch on cached per-epoch views (``view_mode=per_epoch``; the cold run encodes
+  them, the warm run reads them) on a random-init ``--epoch-model`` (default ViT-B-16, 224 px),
+  ``--shots`` × 10 classes, in this process (no Ray).
+* ``views`` -- what K cycled views cost in accuracy against a fresh view per epoch (and the
+  image path, the reference's statistics): CoOp on the small world's ``sw_shades`` with the
+  bundled vlp-small, the quickstart's recipe, ``--seeds`` seeds each, in this process.
+
 Machines here are shared and noisy: compare the ratios, not the absolute seconds, across runs.
 """
 
@@ -68,13 +76,99 @@ def overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {"overhead": overhead}
+def _local_run(overrides: list[str]) -> dict[str, float]:
+    """One run of the loop in this process (no Ray, no MLflow): its final metrics."""
+    import torch
+
+    from vlprompt.orchestrator.config import resolve_paths
+    from vlprompt.orchestrator.loop import WorkerContext, run
+
+    cfg = resolve_paths(load_config(None, ["sweep.space={}", *overrides]))
+    return run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, None)
+
+
+def epochs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Epoch time on images vs on cached views; the cold cached run pays the encoding."""
+    from vlprompt import datasets as vds
+
+    vds.generate_dataset("synthetic", work / "data", num_classes=10, images_per_class=2 * args.shots + 2)
+    common = [
+        f"model.name={args.epoch_model}",
+        "model.pretrained=null",
+        "data.dataset=synthetic",
+        f"data.root={work / 'data'}",
+        f"data.shots={args.shots}",
+        f"data.feature_cache={work / 'features'}",
+        "method.name=coop",
+        "method.n_ctx=4",
+        f"train.epochs={args.epoch_count}",
+        "train.batch_size=32",
+    ]
+    out: dict[str, Any] = {"model": args.epoch_model, "images_per_epoch": 10 * args.shots}
+    for label, mode in (("images", "images"), ("cached_cold", "per_epoch"), ("cached_warm", "per_epoch")):
+        metrics = _local_run([*common, f"train.view_mode={mode}"])
+        out[label] = {
+            "epoch_s": metrics["time_train_s"] / args.epoch_count,
+            "setup_s": metrics["time_setup_s"],
+            "images_encoded": metrics.get("feature_images_encoded", 0.0),
+            "test_acc": metrics["test_acc"],
+        }
+        print(f"[bench] epochs {label}: {out[label]}", flush=True)
+    out["epoch_ratio_images_over_warm"] = out["images"]["epoch_s"] / out["cached_warm"]["epoch_s"]
+    out["cold_over_warm_total"] = (out["cached_cold"]["epoch_s"] + out["cached_cold"]["setup_s"]) / (
+        out["cached_warm"]["epoch_s"] + out["cached_warm"]["setup_s"]
+    )
+    return out
+
+
+def views(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Test accuracy of per-epoch views, K cycled views and images, over ``--seeds`` seeds."""
+    recipe = [
+        "model.name=vlp-small",
+        "model.pretrained=bundled",
+        "data.dataset=sw_shades",
+        f"data.root={work / 'data'}",
+        "data.generate_missing=true",
+        "data.shots=16",
+        f"data.feature_cache={work / 'features'}",
+        "method.name=coop",
+        "method.n_ctx=4",
+        "method.ctx_init=a photo of a",
+        f"train.epochs={args.views_epochs}",
+        "train.lr=0.02",
+        "train.crop_min_scale=0.9",
+    ]
+    modes = {
+        "per_epoch": ["train.view_mode=per_epoch"],
+        f"cycled_k{args.k}": ["train.view_mode=cycled", f"train.feature_views={args.k}"],
+        "images": ["train.view_mode=images"],
+    }
+    out: dict[str, Any] = {"epochs": args.views_epochs, "seeds": args.seeds}
+    for label, keys in modes.items():
+        accs = [_local_run([*recipe, *keys, f"seed={seed}"])["test_acc"] for seed in range(1, args.seeds + 1)]
+        out[label] = {"test_acc": accs, "mean": statistics.mean(accs), "std": statistics.pstdev(accs)}
+        print(f"[bench] views {label}: {out[label]}", flush=True)
+    out[f"cycled_k{args.k}_minus_per_epoch"] = out[f"cycled_k{args.k}"]["mean"] - out["per_epoch"]["mean"]
+    return out
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
+    "overhead": overhead,
+    "epochs": epochs,
+    "views": views,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--overhead-epochs", type=int, default=5)
+    parser.add_argument("--epoch-model", default="ViT-B-16", help="random-init model of the epochs section")
+    parser.add_argument("--epoch-count", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--views-epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--k", type=int, default=4, help="cycled views per image in the views section")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)

@@ -48,6 +48,7 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "train.crop_min_scale": (0, True),
     "data.loader_workers": (0, False),
     "model.text_chunk_size": (1, False),
+    "data.encode_actors": (0, False),
     "resources.num_workers": (1, False),
     "resources.cpus_per_worker": (0, True),
     "resources.gpus_per_worker": (0, True),
@@ -89,8 +90,20 @@ def _check_bounds(cfg: DictConfig) -> None:
         raise ConfigError(f"train.momentum must be < 1, got {cfg.train.momentum}")
     if cfg.train.crop_min_scale > 1:
         raise ConfigError(f"train.crop_min_scale must be in (0, 1], got {cfg.train.crop_min_scale}")
+    _check_views(cfg)
     if cfg.sweep.sampler != "grid" and cfg.sweep.space and cfg.sweep.num_samples < 1:
         raise ConfigError(f"sweep.num_samples must be >= 1 with sweep.sampler={cfg.sweep.sampler}")
+
+
+def _check_views(cfg: DictConfig) -> None:
+    if cfg.train.view_mode == "cycled" and cfg.train.feature_views < 1:
+        raise ConfigError(
+            f"train.feature_views={cfg.train.feature_views}: train.view_mode=cycled needs at least one "
+            "view per image (e.g. train.feature_views=4), or use train.view_mode=per_epoch"
+        )
+    size = cfg.data.encode_batch_size
+    if size is not None and size < 1:
+        raise ConfigError(f"data.encode_batch_size must be >= 1 (or null: train.eval_batch_size), got {size}")
 
 
 def _check_protocol(cfg: DictConfig, method: str) -> None:

@@ -44,6 +44,7 @@ from vlprompt.orchestrator.features import FeatureStore, backbone_identity
 from vlprompt.orchestrator.protocols import Protocol, get_protocol, harmonic_mean
 from vlprompt.orchestrator.schema import flatten
 from vlprompt.orchestrator.training import fit_features, train_epochs
+from vlprompt.orchestrator.views import fits_full_batch, train_views
 from vlprompt.orchestrator.worker import WorkerContext, broadcast_parameters, seed_everything
 
 #: ``report(metrics, checkpoint_dir)``: called once at the end (Ray Train's ``report``).
@@ -80,11 +81,6 @@ class Setup:
     @property
     def fits(self) -> bool:
         return fits_full_batch(self.caps, self.protocol)
-
-
-def fits_full_batch(caps: Capabilities, protocol: Protocol) -> bool:
-    """One full-batch ``fit`` replaces the SGD epochs: a ``fits_features`` method, where training happens."""
-    return caps.fits_features and protocol.trains
 
 
 class Tracker:
@@ -212,9 +208,9 @@ def make_transforms(cfg: DictConfig, backbone: Backbone, *, fit: bool, views: An
 
 
 def cache_features(cfg: DictConfig, ctx: WorkerContext, setup: Setup) -> None:
-    """Frozen image towers read cached features: the test transform's (exact, shared through the
-    feature cache) for every evaluation set and a fit's train split; a run's own augmented views
-    (``train.feature_views``) for SGD."""
+    """Frozen image towers read features: the test transform's for every evaluation set and a
+    fit's train split, augmented views for SGD (``train.view_mode``, ``orchestrator/views.py``);
+    shared ones through the feature cache, read lazily (only this rank's rows)."""
     if not setup.caps.frozen_image_tower or setup.per_sample:
         return
     identity = {
@@ -222,13 +218,24 @@ def cache_features(cfg: DictConfig, ctx: WorkerContext, setup: Setup) -> None:
         "precision": cfg.model.precision,
         "device": ctx.device.type,
     }
-    encoder = Encoder(setup.backbone, ctx.device, cfg.train.eval_batch_size, identity)
+    d = cfg.data
+    encoder = Encoder(
+        setup.backbone,
+        ctx.device,
+        cfg.train.eval_batch_size,
+        identity,
+        setup.store,
+        d.root,
+        d.features_planned,
+    )
     for source in setup.sources.values():
-        source.cache_test_features(encoder, setup.store)
+        source.use_test_features(encoder)
     if setup.fits:
-        setup.train.cache_test_features(encoder, setup.store)
-    elif setup.caps.learns and setup.protocol.trains and cfg.train.feature_views > 0:
-        setup.train.cache_views(encoder, cfg.train.feature_views)
+        setup.train.use_test_features(encoder)
+        return
+    views = train_views(cfg.train, setup.caps, setup.protocol)
+    if views is not None:
+        setup.train.use_views(encoder, views)
 
 
 def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tracker: Tracker) -> None:

@@ -71,6 +71,14 @@ class DataConfig:
     # folder of cached frozen image features (Parquet, orchestrator/features.py), shared by
     # every trial and sweep that encodes the same images the same way; null turns it off
     feature_cache: str | None = _path("dir", "feature_cache")
+    # the sweep encodes every feature its frozen-image-tower trials will read before they start,
+    # once, with Ray Data (orchestrator/pipeline.py); false: each trial encodes what it lacks
+    pipeline: bool = True
+    encode_batch_size: int | None = None  # images per pipeline encoder call; null: train.eval_batch_size
+    encode_actors: int = 0  # the pipeline's encoder actors; 0: one per GPU the trials use, else one
+    # set by the sweep's pipeline, not by hand: every cache entry a trial reads was written before
+    # it started, so a missing one is an error naming the path and node (no silent re-encoding)
+    features_planned: bool = False
 
 
 @dataclass
@@ -83,7 +91,14 @@ class TrainConfig:
     warmup_epochs: int = 1  # constant-LR warm-up epochs counted inside `epochs` (Dassl)
     warmup_lr: float = 1e-5
     eval_batch_size: int = 100
-    feature_views: int = 0  # >0: train frozen-image-tower methods on this many cached augmented views
+    # what frozen-image-tower methods train on (orchestrator/views.py): `images` (random crops,
+    # the tower run every step), `per_epoch` (a fresh augmented view per image per epoch, each
+    # encoded once), `cycled` (feature_views views per image, one drawn per sample per epoch)
+    view_mode: str = _choice("per_epoch", "images", "per_epoch", "cycled")
+    feature_views: int = 0  # K, the views per image of view_mode=cycled
+    # seed of the sweep's shared views: view v of an image is the same in every trial, so it is
+    # encoded once and cached; null: views drawn from each run's own stream (never shared)
+    view_seed: int | None = 0
     crop_min_scale: float = 0.08  # RandomResizedCrop's lower scale bound (Dassl reference: 0.08)
     device: str = _choice("auto", "auto", "cpu", "cuda")
 

@@ -30,6 +30,7 @@ from vlprompt.orchestrator import results, tracking
 from vlprompt.orchestrator.bundles import config_digest, make_bundles
 from vlprompt.orchestrator.config import ConfigError, apply_point, flatten, resolve_paths
 from vlprompt.orchestrator.data import generated_datasets
+from vlprompt.orchestrator.pipeline import fill_feature_cache, planned_trials
 from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, grid_points
@@ -103,6 +104,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     connect_ray(cfg)
     plan = _plan(cfg, ray.cluster_resources(), num_configs)
     bundles = _bundles(cfg, points, plan.max_concurrent_trials)
+    fill_feature_cache(cfg, planned_trials(cfg), plan)  # frozen image features, encoded once with Ray Data
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_configs)

@@ -115,10 +115,8 @@ def fit_features(
     """
     stats: dict[str, float] = {}
     for task in train.tasks:
-        split = val[task]
-        assert split.features is not None
         fitted = method.fit(
-            FeatureSet(task, *train.task_features(task)), FeatureSet(task, split.features[0], split.labels)
+            FeatureSet(task, *train.task_features(task)), FeatureSet(task, *val[task].task_features(task))
         )
         prefix = "" if len(train.tasks) == 1 else f"{task}/"
         stats.update({f"{prefix}{k}": v for k, v in fitted.items()})

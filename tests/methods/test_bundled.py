@@ -102,7 +102,9 @@ def test_short_coop_run_beats_zero_shot(tmp_path: Path) -> None:
         "train.epochs=30",
         "train.batch_size=32",
         "train.lr=0.02",
+        "train.view_mode=cycled",
         "train.feature_views=4",
+        "train.view_seed=null",
         "train.crop_min_scale=0.9",
     )["test_acc"]
     assert coop > zero_shot + 3.0, (coop, zero_shot)

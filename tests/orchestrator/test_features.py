@@ -1,4 +1,4 @@
-"""The on-disk feature cache: shared across runs, exact, and never trusted blindly."""
+"""The on-disk feature cache in real runs: shared across runs and subsets, exact, never trusted blindly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from vlprompt.orchestrator.config import load_config, resolve_paths
-from vlprompt.orchestrator.features import FeatureStore, backbone_identity, digest, feature_key
 from vlprompt.orchestrator.loop import WorkerContext, run
 
 pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
@@ -49,16 +48,24 @@ def test_a_second_run_reads_every_test_feature_from_the_cache(tmp_path):
     second, _ = _run(_cfg(tmp_path))
     assert second["feature_cache_hits"] == 2 and second["feature_cache_misses"] == 0
     assert second["test_acc"] == first["test_acc"] and second["val_acc"] == first["val_acc"]
+    assert second["feature_images_encoded"] == 0 and first["feature_images_encoded"] > 0
     files = sorted((tmp_path / "cache").glob("*.parquet"))
-    assert len(files) == 2
+    assert len(files) == 1  # test and val: one family (synthetic's images, the test transform)
     table = pq.read_table(files[0])
-    assert table.column_names == ["feature"] and b"vlprompt" in table.schema.metadata
+    assert table.column_names == ["image", "stat", "feature"] and b"vlprompt_check" in table.schema.metadata
+    assert all(i.startswith("synthetic/") for i in table.column("image").to_pylist())
 
 
 def test_the_cache_does_not_move_a_training_run(tmp_path):
     """Same learned context with the cache off, cold and warm: hits skip the data loaders,
     and that must not shift the run's random stream (augmented views, shuffles)."""
-    coop = ("method.name=coop", "method.n_ctx=4", "train.feature_views=2")
+    coop = (
+        "method.name=coop",
+        "method.n_ctx=4",
+        "train.view_mode=cycled",
+        "train.feature_views=2",
+        "train.view_seed=null",
+    )
     off, off_state = _run(_cfg(tmp_path, "data.feature_cache=null", method=coop))
     assert "feature_cache_hits" not in off
     cold, cold_state = _run(_cfg(tmp_path, method=coop))
@@ -75,54 +82,54 @@ def test_a_damaged_entry_is_recomputed_not_trusted(tmp_path, capsys):
     for path in (tmp_path / "cache").glob("*.parquet"):
         path.write_bytes(b"not parquet")
     again, _ = _run(_cfg(tmp_path))
-    assert again["feature_cache_rejected"] == 2 and again["feature_cache_misses"] == 2
+    assert again["feature_cache_rejected"] == 1 and again["feature_cache_misses"] == 2  # one file: test+val
     assert again["test_acc"] == first["test_acc"]
     assert "feature cache: ignoring" in capsys.readouterr().err
 
 
-def test_the_key_changes_with_everything_the_features_depend_on(tmp_path):
-    image = tmp_path / "a.png"
-    image.write_bytes(b"one")
-    ident = backbone_identity("vlp-tiny", None, seed=1)
-
-    def key(**change):
-        args = {
-            "backbone": ident,
-            "precision": "fp32",
-            "device": "cpu",
-            "transform": "T",
-            "paths": [str(image)],
-        }
-        args.update(change)
-        return digest(feature_key(**args))
-
-    base = key()
-    assert key() == base
-    assert key(backbone=backbone_identity("vlp-tiny", None, seed=2)) != base  # random init differs
-    assert key(precision="fp16") != base and key(device="cuda") != base and key(transform="U") != base
-    image.write_bytes(b"replaced")  # same path, new content
-    assert key() != base
-    # a pretrained tag does not depend on the seed; a checkpoint file is named by its stat
-    assert backbone_identity("ViT-B-16", "openai", 1) == backbone_identity("ViT-B-16", "openai", 2)
-    ckpt = tmp_path / "w.pt"
-    ckpt.write_bytes(b"w")
-    assert backbone_identity("x", str(ckpt), 1)["size"] == 1
+SMALL = ("model.name=vlp-small", "model.pretrained=bundled")  # pretrained: seeds share features
+SHARED = ("method.name=coop", "method.n_ctx=4", "train.view_mode=per_epoch", "train.view_seed=0")
 
 
-def test_an_unwritable_cache_folder_is_not_an_error(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where the cache folder should be")
-    store = FeatureStore(blocker / "cache")
-    out = store.get_or_compute({"images": 2}, lambda: torch.ones(2, 3))
-    assert torch.equal(out, torch.ones(2, 3)) and store.misses == 1
-    assert "cannot write" in capsys.readouterr().err
+def test_shared_views_and_overlapping_subsets_are_encoded_once(tmp_path):
+    """Seed 2's few-shot subset overlaps seed 1's: it encodes only its new (image, epoch) pairs."""
+    from vlprompt.orchestrator.data import prepare_data
+
+    first, first_state = _run(_cfg(tmp_path, *SMALL, method=SHARED))
+    again, again_state = _run(_cfg(tmp_path, *SMALL, method=SHARED))
+    assert again["feature_images_encoded"] == 0 and torch.equal(first_state["ctx"], again_state["ctx"])
+    off, off_state = _run(_cfg(tmp_path, *SMALL, "data.feature_cache=null", method=SHARED))
+    assert torch.equal(off_state["ctx"], first_state["ctx"]) and off["test_acc"] == first["test_acc"]
+
+    data = {seed: prepare_data(_cfg(tmp_path, f"seed={seed}")) for seed in (1, 2)}
+    train = {seed: {d.path for d in data[seed].tasks["synthetic"].train} for seed in data}
+    val = {seed: {d.path for d in data[seed].tasks["synthetic"].val} for seed in data}  # few-shot too
+    new = len(train[2] - train[1])
+    assert 0 < new < len(train[2])
+    second, _ = _run(_cfg(tmp_path, *SMALL, "seed=2", method=SHARED))
+    # two epochs of the new training images, the new val images; the test split all cached
+    assert second["feature_images_encoded"] == 2 * new + len(val[2] - val[1])
 
 
-@pytest.mark.parametrize("width", [1, 7])
-def test_features_come_back_bit_identical(tmp_path, width):
-    store = FeatureStore(tmp_path)
-    values = torch.randn(5, width) * 1e3
-    key = {"images": 5, "what": width}
-    store.get_or_compute(key, lambda: values)
-    again = FeatureStore(tmp_path).get_or_compute(key, lambda: pytest.fail("should hit"))
-    assert torch.equal(again, values)
+def test_a_replaced_image_is_encoded_again(tmp_path):
+    from vlprompt.orchestrator.data import prepare_data
+
+    first, _ = _run(_cfg(tmp_path, *SMALL))
+    assert first["feature_images_encoded"] > 1
+    test = prepare_data(_cfg(tmp_path)).eval_sets[0].items
+    Path(test[0].path).write_bytes(Path(test[1].path).read_bytes())  # new content, same name
+    second, _ = _run(_cfg(tmp_path, *SMALL))
+    assert second["feature_images_encoded"] == 1
+
+
+def test_a_missing_planned_entry_names_the_file_and_the_node(tmp_path):
+    import socket
+
+    from vlprompt.orchestrator.features import MissingPlannedFeatures
+
+    cfg = _cfg(tmp_path, *SMALL, "data.features_planned=true")
+    with pytest.raises(MissingPlannedFeatures) as err:
+        _run(cfg)
+    message = str(err.value)
+    assert str(tmp_path / "cache") in message and socket.gethostname() in message
+    assert "data.feature_cache" in message

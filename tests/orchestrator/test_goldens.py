@@ -14,6 +14,10 @@ compared to 1e-4 (relative) and accuracies to one test image; the test says whic
 To re-record after a deliberate change (and say why in the commit)::
 
     VLPROMPT_UPDATE_GOLDENS=1 .venv/bin/pytest tests/orchestrator/test_goldens.py
+
+Updating writes only the cases that ran and keeps every other case's stored numbers, so a new
+case is recorded alone with ``-k`` (``-k coop_per_epoch``); check with ``git diff
+tests/assets/goldens.json`` that no existing value moved.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ BASE = (
     "train.epochs=3",
     "train.batch_size=8",
     "train.lr=0.01",
+    "train.view_mode=cycled",  # the views of the recorded numbers: two per image, from the run's stream
     "train.feature_views=2",
+    "train.view_seed=null",
     "train.crop_min_scale=0.9",
     "sweep.space={}",
 )
@@ -65,7 +71,15 @@ CASES: dict[str, tuple[str, ...]] = {
     "few_shot/zeroshot_ensemble": ("method.name=zeroshot", "method.ensemble=imagenet7+dataset"),
     "few_shot/linear_probe": ("method.name=linear_probe",),
     "few_shot/coop": ("method.name=coop", "method.n_ctx=4", "method.ctx_init=a photo of a"),
-    "few_shot/coop_images": ("method.name=coop", "method.n_ctx=4", "train.feature_views=0"),
+    "few_shot/coop_images": ("method.name=coop", "method.n_ctx=4", "train.view_mode=images"),
+    # shared views (orchestrator/views.py): drawn under view_seed, not the run's stream
+    "few_shot/coop_per_epoch": (
+        "method.name=coop",
+        "method.n_ctx=4",
+        "train.view_mode=per_epoch",
+        "train.view_seed=0",
+    ),
+    "few_shot/coop_cycled_shared": ("method.name=coop", "method.n_ctx=4", "train.view_seed=0"),
     "few_shot/coop_csc_middle": (
         "method.name=coop",
         "method.n_ctx=4",
@@ -121,7 +135,7 @@ CASES: dict[str, tuple[str, ...]] = {
 }
 
 #: Reported numbers that are timings or cache bookkeeping, not results.
-NOT_RESULTS = ("time_", "feature_cache_")
+NOT_RESULTS = ("time_", "feature_cache_", "feature_images_")
 
 
 def platform() -> dict[str, str]:

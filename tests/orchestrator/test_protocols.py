@@ -45,6 +45,7 @@ def _cfg(tmp_path, *overrides, method=("method.name=coop", "method.n_ctx=4")):
         "data.shots=4",
         "train.epochs=2",
         "train.batch_size=8",
+        "train.view_mode=cycled",
         "train.feature_views=2",
         "sweep.space={}",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

@@ -41,6 +41,9 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
             "sweep.name=unit-sweep",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             "tracking.experiment=unit",
+            # the trials encode their own features: the sweep's pipeline would find the corrupt
+            # image before any trial starts (tests/orchestrator/test_pipeline.py checks that)
+            "data.pipeline=false",
         ],
     )
     outcome = run_sweep(cfg, launch_dir=tmp_path)
