@@ -21,6 +21,14 @@ Sections (issue 9's benchmark):
   image path, the reference's statistics): CoOp on the small world's ``sw_shades`` with the
   bundled vlp-small, the quickstart's recipe, ``--seeds`` seeds each, in this process.
 
+* ``encodes`` -- images encoded per sweep: a grid of CoOp / KgCoOp / zero-shot × 3 seeds on
+  ``sw_shades`` (bundled vlp-small, per-epoch shared views) through the sweep's Ray Data
+  pipeline; counted: what the pipeline encoded, what the trials encoded (goal 0), the distinct
+  (image, view) pairs the trials read, and what the trials would encode each on its own.
+* ``encoder`` -- the Ray Data pipeline's throughput against the in-trial encoder on the same
+  images (a zero-shot run's test and val splits, random-init ``--epoch-model``), each into an
+  empty cache.
+
 Machines here are shared and noisy: compare the ratios, not the absolute seconds, across runs.
 """
 
@@ -152,10 +160,110 @@ def views(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def encodes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Each (image, view) once per sweep: counted, against every trial encoding its own."""
+    from vlprompt.orchestrator.sweep import connect_ray, run_sweep
+
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={work / 'data'}",
+            f"data.feature_cache={work / 'features'}",
+            "train.view_mode=per_epoch",
+            "train.view_seed=0",
+            f"train.epochs={args.overhead_epochs}",
+            "data.dataset=sw_shades",
+            "data.shots=16",
+            "sweep.space={method.name: {choice: [zeroshot, coop, kgcoop]}, seed: {choice: [1, 2, 3]}}",
+            f"tracking.uri=sqlite:///{work}/mlflow.db",
+            f"sweep.storage_path={work / 'ray_results'}",
+            "sweep.name=encodes",
+        ],
+    )
+    connect_ray()
+    alone = _encodes_alone(cfg)
+    outcome = run_sweep(cfg)
+    in_trials = sum(r.get("feature_images_encoded", 0.0) for r in outcome.rows)
+    report = outcome.features
+    out = {
+        "trials": len(outcome.rows),
+        "pipeline_encoded": report.encoded if report else None,
+        "pipeline_wall_s": report.wall_s if report else None,
+        "trials_encoded": in_trials,
+        "distinct_image_views": _rows_in_cache(work / "features"),
+        "each_trial_alone": alone,
+    }
+    out["saving"] = alone / max(1.0, (out["pipeline_encoded"] or 0) + in_trials)
+    return out
+
+
+def _encodes_alone(cfg: Any) -> int:
+    """What every planned trial would encode with no cache shared: its evaluation sets and views."""
+    from vlprompt.methods import capabilities
+    from vlprompt.orchestrator.checks import method_options
+    from vlprompt.orchestrator.config import resolve_paths
+    from vlprompt.orchestrator.data import prepare_data
+    from vlprompt.orchestrator.pipeline import planned_trials, trial_needs
+    from vlprompt.orchestrator.protocols import get_protocol
+
+    total = 0
+    for trial in planned_trials(resolve_paths(cfg)):
+        caps = capabilities(method_options(trial.method)[0])
+        needs = trial_needs(trial, caps, get_protocol(trial.data.protocol), prepare_data(trial))
+        total += sum(len(items) for _, items, _, _ in needs)
+    return total
+
+
+def _rows_in_cache(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in folder.glob("*.parquet"))
+
+
+def encoder(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Ray Data pipeline vs the in-trial encoder: the same images into an empty cache each."""
+    import ray
+
+    from vlprompt import datasets as vds
+    from vlprompt.orchestrator.config import resolve_paths
+    from vlprompt.orchestrator.pipeline import fill_feature_cache
+    from vlprompt.orchestrator.sweep import connect_ray, resource_plan
+
+    vds.generate_dataset("synthetic", work / "data", num_classes=10, images_per_class=2 * args.shots + 2)
+    common = [
+        f"model.name={args.epoch_model}",
+        "model.pretrained=null",
+        "data.dataset=synthetic",
+        f"data.root={work / 'data'}",
+        f"data.shots={args.shots}",
+        "method.name=zeroshot",
+    ]
+    started = time.perf_counter()
+    metrics = _local_run([*common, f"data.feature_cache={work / 'in_trial'}"])
+    in_trial_s = time.perf_counter() - started
+    images = metrics["feature_images_encoded"]
+    connect_ray()
+    overrides = [*common, f"data.feature_cache={work / 'pipeline'}", "sweep.space={}"]
+    cfg = resolve_paths(load_config(None, overrides))  # a writable copy: the pipeline marks it planned
+    report = fill_feature_cache(cfg, [cfg], resource_plan(cfg, ray.cluster_resources(), 1))
+    return {
+        "model": args.epoch_model,
+        "images": images,
+        "in_trial_s": in_trial_s,
+        "in_trial_images_per_s": images / in_trial_s,
+        "pipeline_s": report.wall_s,
+        "pipeline_images_per_s": report.encoded / report.wall_s,
+        "pipeline_encoded": report.encoded,
+        "pipeline_over_in_trial_throughput": (report.encoded / report.wall_s) / (images / in_trial_s),
+    }
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "overhead": overhead,
     "epochs": epochs,
     "views": views,
+    "encodes": encodes,
+    "encoder": encoder,
 }
 
 

@@ -30,14 +30,14 @@ from vlprompt.orchestrator import results, tracking
 from vlprompt.orchestrator.bundles import config_digest, make_bundles
 from vlprompt.orchestrator.config import ConfigError, apply_point, flatten, resolve_paths
 from vlprompt.orchestrator.data import generated_datasets
-from vlprompt.orchestrator.pipeline import fill_feature_cache, planned_trials
+from vlprompt.orchestrator.pipeline import PipelineReport, fill_feature_cache, planned_trials
 from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, grid_points
 from vlprompt.orchestrator.trial import bundle_configs, plain_config, run_trial
 
 #: Per-configuration metrics a results row carries (the table picks its columns from them).
-ROW_METRICS = (*results.METRIC_COLUMNS, "ray_overhead_s", "time_trial_s")
+ROW_METRICS = (*results.METRIC_COLUMNS, "ray_overhead_s", "time_trial_s", "feature_images_encoded")
 
 
 @dataclass
@@ -47,7 +47,8 @@ class SweepOutcome:
     experiment_id: str
     parent_run_id: str
     storage_path: str
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per trial
+    features: PipelineReport | None = None  # what the feature pipeline encoded before the trials
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per configuration
     wall_s: float = 0.0
     overhead_per_configuration_s: float | None = None  # see slot_overhead
 
@@ -102,9 +103,9 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     preflight(cfg)
 
     connect_ray(cfg)
-    plan = _plan(cfg, ray.cluster_resources(), num_configs)
+    plan = resource_plan(cfg, ray.cluster_resources(), num_configs)
     bundles = _bundles(cfg, points, plan.max_concurrent_trials)
-    fill_feature_cache(cfg, planned_trials(cfg), plan)  # frozen image features, encoded once with Ray Data
+    features = fill_feature_cache(cfg, planned_trials(cfg), plan)  # encoded once, with Ray Data
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_configs)
@@ -114,7 +115,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
         f"{plan.num_workers} worker(s) × {plan.resources_per_worker} per trial; MLflow run {parent} at {uri}",
         flush=True,
     )
-    outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage))
+    outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage), features=features)
     from vlprompt.orchestrator.trial_clock import TrialClock  # imports ray.tune
 
     clock = TrialClock(uri)
@@ -150,7 +151,7 @@ def slot_overhead(children: list[Any], launched_ms: int, wall_s: float, slots: i
     return max(0.0, wall_s * slots - worker) / len(ran)
 
 
-def _plan(cfg: DictConfig, cluster: dict[str, float], num_configs: int) -> ResourcePlan:
+def resource_plan(cfg: DictConfig, cluster: dict[str, float], num_configs: int) -> ResourcePlan:
     r = cfg.resources
     return plan_resources(
         cluster,
