@@ -118,7 +118,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage), features=features)
     from vlprompt.orchestrator.trial_clock import TrialClock  # imports ray.tune
 
-    clock = TrialClock(uri)
+    clock = TrialClock(uri, plan.max_concurrent_trials)
     run = (uri, experiment_id, parent)
     tuner = _tuner(cfg, storage, resume, plan, space, bundles, num_configs, run, clock)
     started, launched_ms = time.perf_counter(), int(time.time() * 1000)
