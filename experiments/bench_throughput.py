@@ -95,17 +95,25 @@ def _local_run(overrides: list[str]) -> dict[str, float]:
     return run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, None)
 
 
-def epochs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Epoch time on images vs on cached views; the cold cached run pays the encoding."""
+def _random_model_on_synthetic(args: argparse.Namespace, work: Path) -> list[str]:
+    """Overrides for the random-init ``--epoch-model`` on a generated ``synthetic`` copy of 10
+    classes with ``--shots`` training images each (written under ``work``)."""
     from vlprompt import datasets as vds
 
     vds.generate_dataset("synthetic", work / "data", num_classes=10, images_per_class=2 * args.shots + 2)
-    common = [
+    return [
         f"model.name={args.epoch_model}",
         "model.pretrained=null",
         "data.dataset=synthetic",
         f"data.root={work / 'data'}",
         f"data.shots={args.shots}",
+    ]
+
+
+def epochs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Epoch time on images vs on cached views; the cold cached run pays the encoding."""
+    common = [
+        *_random_model_on_synthetic(args, work),
         f"data.feature_cache={work / 'features'}",
         "method.name=coop",
         "method.n_ctx=4",
@@ -199,19 +207,12 @@ def encodes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _encodes_alone(cfg: Any) -> int:
     """What every planned trial would encode with no cache shared: its evaluation sets and views."""
-    from vlprompt.methods import capabilities
-    from vlprompt.orchestrator.checks import method_options
     from vlprompt.orchestrator.config import resolve_paths
     from vlprompt.orchestrator.data import prepare_data
-    from vlprompt.orchestrator.pipeline import planned_trials, trial_needs
-    from vlprompt.orchestrator.protocols import get_protocol
+    from vlprompt.orchestrator.pipeline import planned_trials, reads_features, trial_needs
 
-    total = 0
-    for trial in planned_trials(resolve_paths(cfg)):
-        caps = capabilities(method_options(trial.method)[0])
-        needs = trial_needs(trial, caps, get_protocol(trial.data.protocol), prepare_data(trial))
-        total += sum(len(items) for _, items, _, _ in needs)
-    return total
+    trials = [t for t in planned_trials(resolve_paths(cfg)) if reads_features(t)]
+    return sum(len(items) for t in trials for _, items, _, _ in trial_needs(t, prepare_data(t)))
 
 
 def _rows_in_cache(folder: Path) -> int:
@@ -224,20 +225,11 @@ def encoder(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Ray Data pipeline vs the in-trial encoder: the same images into an empty cache each."""
     import ray
 
-    from vlprompt import datasets as vds
     from vlprompt.orchestrator.config import resolve_paths
     from vlprompt.orchestrator.pipeline import fill_feature_cache
     from vlprompt.orchestrator.sweep import connect_ray, resource_plan
 
-    vds.generate_dataset("synthetic", work / "data", num_classes=10, images_per_class=2 * args.shots + 2)
-    common = [
-        f"model.name={args.epoch_model}",
-        "model.pretrained=null",
-        "data.dataset=synthetic",
-        f"data.root={work / 'data'}",
-        f"data.shots={args.shots}",
-        "method.name=zeroshot",
-    ]
+    common = [*_random_model_on_synthetic(args, work), "method.name=zeroshot"]
     started = time.perf_counter()
     metrics = _local_run([*common, f"data.feature_cache={work / 'in_trial'}"])
     in_trial_s = time.perf_counter() - started

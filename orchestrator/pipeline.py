@@ -188,10 +188,8 @@ def plan_jobs(trial_cfgs: Iterable[DictConfig], plan: ResourcePlan, describe: An
     read: dict[str, RunData] = {}
     described: dict[Backbone, dict[str, Any]] = {}
     for trial in trial_cfgs:
-        name, _ = method_options(trial.method)
-        caps, protocol = capabilities(name), get_protocol(trial.data.protocol)
-        if not caps.frozen_image_tower or (caps.test_time_views and not protocol.trains):
-            continue  # images through a trained tower, or scored per test image with its views
+        if not reads_features(trial):
+            continue
         data_key = json.dumps([OmegaConf.to_container(trial.data, resolve=True), trial.seed], sort_keys=True)
         data = read.get(data_key) or read.setdefault(data_key, prepare_data(trial))
         backbone = Backbone(
@@ -203,7 +201,7 @@ def plan_jobs(trial_cfgs: Iterable[DictConfig], plan: ResourcePlan, describe: An
         )
         if backbone not in described:
             described[backbone] = describe(backbone, _crop_scales(trial_cfgs))
-        for need in trial_needs(trial, caps, protocol, data):
+        for need in trial_needs(trial, data):
             _add(jobs, trial, backbone, described[backbone], *need)
     return jobs
 
@@ -212,8 +210,17 @@ def _crop_scales(trial_cfgs: Iterable[DictConfig]) -> list[float]:
     return sorted({float(t.train.crop_min_scale) for t in trial_cfgs})
 
 
-def trial_needs(trial: DictConfig, caps: Any, protocol: Any, data: RunData) -> list[tuple]:
-    """``(label, items, transform kind, view)`` for every feature set the trial reads."""
+def reads_features(trial: DictConfig) -> bool:
+    """Whether the trial reads cached image features at all: not when images go through a trained
+    tower, nor when a test-time method scores each test image with its own views."""
+    caps, protocol = capabilities(method_options(trial.method)[0]), get_protocol(trial.data.protocol)
+    return caps.frozen_image_tower and not (caps.test_time_views and not protocol.trains)
+
+
+def trial_needs(trial: DictConfig, data: RunData) -> list[tuple]:
+    """``(label, items, transform kind, view)`` for every feature set the trial reads (one that
+    :func:`reads_features`), ``data`` being its prepared data."""
+    caps, protocol = capabilities(method_options(trial.method)[0]), get_protocol(trial.data.protocol)
     needs: list[tuple] = [(es.key.split("/")[0], es.items, "test", TEST_VIEW) for es in data.eval_sets]
     train_items = tuple(item for splits in data.tasks.values() for item in splits.train)
     if fits_full_batch(caps, protocol):

@@ -48,6 +48,18 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def _run_spec(cfg: DictConfig, trial_id: str) -> dict[str, Any]:
+    """What a worker needs to run one configuration: its plain config, digest, run name and tags."""
+    plain = plain_config(cfg)
+    digest = config_digest(plain)
+    return {
+        "config": plain,
+        "digest": digest,
+        "name": run_name(cfg, trial_id),
+        "tags": {"trial_id": trial_id, "sweep": cfg.sweep.name, "config_digest": digest},
+    }
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: the bundle's unfinished configurations, in one Train run."""
     import ray.tune
@@ -58,18 +70,9 @@ def run_trial(config: dict[str, Any]) -> None:
     uri, plan = config["_tracking_uri"], config["_plan"]
     cfgs = bundle_configs(config)
     done = tracking.finished_digests(uri, config["_experiment_id"], config["_parent_run_id"])
-    todo = [plain_config(cfg) for cfg in cfgs if config_digest(plain_config(cfg)) not in done]
-    if not todo:
+    runs = [spec for spec in (_run_spec(cfg, trial_id) for cfg in cfgs) if spec["digest"] not in done]
+    if not runs:
         return
-    runs = [
-        {
-            "config": c,
-            "digest": config_digest(c),
-            "name": run_name(OmegaConf.create(c), trial_id),
-            "tags": {"trial_id": trial_id, "sweep": c["sweep"]["name"], "config_digest": config_digest(c)},
-        }
-        for c in todo
-    ]
     os.environ.setdefault(HEALTH_CHECK_ENV, str(config["_health_check_interval_s"]))
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
     trainer_class = _trainer_class(plan["num_workers"])
