@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlprompt.datasets.fewshot import sample_fewshot
+from vlprompt.datasets.files import UnsafePathError, check_relative
 from vlprompt.datasets.splits import split_fingerprint
 from vlprompt.datasets.types import DatasetSplits, Datum
 
@@ -62,12 +63,10 @@ def _read(path: Path, splits: DatasetSplits, source: str) -> DatasetSplits | Non
         return None  # absent or unreadable: redraw
     if data.get("format") != FORMAT or data.get("source_fingerprint") != source:
         return None
-    root = Path(splits.image_root)
     try:
-        picked = {
-            split: tuple(Datum(str(root / rel), int(label), str(name)) for rel, label, name in data[split])
-            for split in ("train", "val")
-        }
+        picked = {split: _listed(path, split, data[split], splits.image_root) for split in ("train", "val")}
+    except UnsafePathError:
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"few-shot cache {path} is malformed ({err}); delete it to redraw") from None
     subset = replace(splits, train=picked["train"], val=picked["val"])
@@ -76,6 +75,16 @@ def _read(path: Path, splits: DatasetSplits, source: str) -> DatasetSplits | Non
             f"few-shot cache {path} does not match its recorded fingerprint; delete it to redraw"
         )
     return subset
+
+
+def _listed(path: Path, split: str, rows: list, image_root: str) -> tuple[Datum, ...]:
+    """One split of a cache file; its paths pass the readers' one path check (``check_relative``),
+    since the cache lies in the data folder, where anyone who can write a split file can write it."""
+    items = []
+    for i, (rel, label, name) in enumerate(rows):
+        check_relative(f"few-shot cache {path}: split {split!r} row {i} (delete the file to redraw)", rel)
+        items.append(Datum(str(Path(image_root) / rel), int(label), str(name)))
+    return tuple(items)
 
 
 def _write(path: Path, subset: DatasetSplits, shots: int, seed: int, source: str) -> None:

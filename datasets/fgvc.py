@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlprompt.datasets.cuts import split_of
 from vlprompt.datasets.entry import CatalogEntry
-from vlprompt.datasets.files import check_images_exist, require
+from vlprompt.datasets.files import check_images_exist, check_relative, require
 from vlprompt.datasets.layout import Layout, StandIn
 from vlprompt.datasets.types import SPLIT_NAMES, DatasetSplits, Datum
 
@@ -47,6 +47,7 @@ def _read_list(
                 f"{variants_file}; expected '<image id> <variant name>'"
             )
         rels.append(f"{image_id}.jpg")
+        check_relative(f"dataset {entry.name!r}: {list_file} line {n}", rels[-1])
         rows.append(
             Datum(os.path.abspath(image_root / rels[-1]), label_of[variant], variant.replace("_", " "))
         )

@@ -134,8 +134,13 @@ def check_images_exist(
 
     The message counts the missing images and names the first: with ``at_row`` by its split and
     row (the rows of a split file), else by its path alone; ``note`` ends it (what the paths are
-    relative to, or that nothing was written).
+    relative to, or that nothing was written). Every path passes :func:`check_relative` first, so
+    no listed path is probed outside ``image_root`` (the official files a split is regenerated
+    from reach the folder only through here).
     """
+    for split in SPLIT_NAMES:
+        for i, rel in enumerate(listed.get(split, ())):
+            check_relative(f"{where}: split {split!r} row {i}" if at_row else where, rel)
     missing = [
         (split, i, image_root / rel)
         for split in SPLIT_NAMES
@@ -184,8 +189,49 @@ def read_split_object(path: Path, extra_keys: tuple[str, ...] = ()) -> dict[str,
     return data
 
 
+class UnsafePathError(ValueError):
+    """A path read from a data file (split, list, annotation, cache) that would leave its folder.
+
+    A ``ValueError`` like every other bad data file, so the driver's checks before Ray starts
+    (``orchestrator/preflight.py``) turn it into the one-line config error; a class of its own
+    so that callers and tests can tell a refused path from a merely malformed row.
+    """
+
+
 def check_relative(where: str, rel: str) -> None:
-    """``ValueError`` unless split-file path ``rel`` is relative and stays inside the image folder."""
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive or ".." in parts:
-        raise ValueError(f"{where}: image path {rel!r} must be relative and stay inside the image folder")
+    """``UnsafePathError`` unless ``rel``, a path read from a data file, stays inside its folder.
+
+    The one check every reader applies to every path it takes from a file, before the path is
+    joined to a folder or touched (CoOp split JSON and Fashion-20 rows, FGVC-Aircraft's lists,
+    the official files a split is regenerated from, few-shot caches): a split file copied from
+    elsewhere must not make a sweep read, or probe for, files outside the dataset folder.
+
+    The check is lexical, on the text: no empty path, no NUL byte, nothing absolute (``/x``,
+    ``C:\\x``, ``\\\\host\\share``), and no ``..`` component at all — not even one that
+    normalises away (``a/../b``): ``os.path.normpath`` drops ``a/..`` on paper, but the OS
+    follows ``a`` first, and through a symlinked ``a`` that lands outside. Backslashes count as
+    separators, so a file written on Windows (``..\\x``) is refused the same way everywhere.
+    Symlinks are *not* resolved: a symlinked image folder inside the dataset folder (data kept on
+    another disk) is the owner's choice and keeps working; only the file's text is distrusted.
+    ``where`` ("split file PATH: split 'train' row 3") starts the message.
+    """
+    problem = _path_problem(rel)
+    if problem:
+        raise UnsafePathError(
+            f"{where}: image path {rel!r} refused: {problem}. Paths listed in a data file must be "
+            f"relative to its image folder and stay inside it (no absolute path, no '..' component); "
+            f"fix or remove that entry"
+        )
+
+
+def _path_problem(rel: str) -> str | None:
+    """Why ``rel`` would leave its folder (see :func:`check_relative`), or ``None``."""
+    if not rel:
+        return "it is empty"
+    if "\0" in rel:
+        return "it contains a NUL byte"
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).anchor:
+        return "it is absolute"
+    if ".." in PureWindowsPath(rel).parts:  # splits on "/" and "\\" alike
+        return "it has a '..' component"
+    return None
