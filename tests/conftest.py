@@ -28,6 +28,9 @@ BIN = Path(sys.executable).parent
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)  # unit tests must never attach to someone's cluster
+# Token auth on for every Ray the tests start or reach (ray.init, `ray start`, job submits), even
+# when the caller's shell exported RAY_AUTH_MODE=disabled: the tests run what users run.
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
