@@ -36,11 +36,19 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the sweep of the same name: finished trials are not repeated",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="NAME",
+        help="continue the latest unfinished sweep of this config (or the sweep NAME): "
+        "finished configurations are not repeated, interrupted ones continue from their checkpoints",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume a.b=c`: an override, no name
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    return args
 
 
 def _warn_if_results_would_vanish(cfg: DictConfig) -> None:
@@ -65,6 +73,11 @@ def _print_outcome(outcome: Any, seconds: float) -> None:
         f"{seconds:.0f} s; accuracy in %, mean ± std over seeds):"
     )
     print(results.to_markdown(results.summarise(outcome.rows)))
+    for row in outcome.stopped:
+        print(
+            f"STOPPED: {row.get('method')} {row.get('dataset')} shots={row.get('shots')} "
+            f"seed={row.get('seed')}: {row['stopped']}"
+        )
     for row in outcome.failed:
         print(
             f"FAILED: {row.get('method')} {row.get('dataset')} shots={row.get('shots')} "
@@ -100,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # the data checks that run before Ray starts
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[vlprompt] stopped at once (second signal); continue with --resume", file=sys.stderr)
+        return 130
     ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
     _print_outcome(outcome, time.perf_counter() - started)
+    if outcome.interrupted is not None:
+        done = sum(1 for r in outcome.rows if not r.get("error") and not r.get("stopped"))
+        print(
+            f"[vlprompt] sweep {outcome.name!r} interrupted by {outcome.interrupted.name}: {done} of "
+            f"{len(outcome.rows)} configurations finished; continue with: "
+            f"python experiments/benchmark.py --config {args.config} --resume {outcome.name}",
+            file=sys.stderr,
+        )
+        return outcome.interrupted.exit_code
     return 1 if outcome.failed else 0
 
 

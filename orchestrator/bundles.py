@@ -27,13 +27,19 @@ SHARED_DATA_KEYS = ("dataset", "root", "protocol", "eval_targets")
 SHARED_TRAIN_KEYS = ("device",)
 
 
+#: Top-level sections a configuration's identity does not depend on.
+NOT_DIGESTED = ("sweep", "resources", "tracking")
+
+
 def config_digest(config: Mapping[str, Any]) -> str:
     """What identifies one configuration across launches of its sweep (a child run's tag).
 
-    Everything but the ``sweep`` section (its name, the space) and the private ``_`` keys: a
-    resumed sweep recomputes the same digest for the same point.
+    Everything that says *what* is computed: not the ``sweep`` section (its name, the space),
+    not how and where it runs and is recorded (``resources``, ``tracking``: a resumed sweep may
+    run on another cluster), not the private ``_`` keys. A resumed sweep recomputes the same
+    digest for the same point.
     """
-    kept = {k: v for k, v in config.items() if k != "sweep" and not k.startswith("_")}
+    kept = {k: v for k, v in config.items() if k not in NOT_DIGESTED and not k.startswith("_")}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

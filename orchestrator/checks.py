@@ -56,6 +56,11 @@ BOUNDS: dict[str, tuple[float, bool]] = {
     "resources.health_check_interval_s": (0, True),
     "sweep.bundle_size": (0, False),
     "sweep.num_samples": (0, False),
+    "sweep.grace_period": (1, False),
+    "sweep.reduction_factor": (2, False),
+    "train.checkpoint_every": (0, False),
+    "train.checkpoint_min_interval_s": (0, False),
+    "resources.max_failures": (0, False),
 }
 
 
@@ -65,7 +70,23 @@ def validate(cfg: DictConfig) -> None:
     _check_bounds(cfg)
     name, _ = method_options(cfg.method)
     _check_protocol(cfg, name)
+    _check_scheduler(cfg)
     _check_names(cfg)
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    """Early stopping compares trials mid-training: on the val split only, never on test."""
+    if cfg.sweep.scheduler == "none":
+        return
+    if not cfg.sweep.metric.startswith("val"):
+        raise ConfigError(
+            f"sweep.scheduler={cfg.sweep.scheduler} stops trials on sweep.metric={cfg.sweep.metric!r} "
+            "every epoch, which would select on the test split; set sweep.metric=val_acc"
+        )
+    if cfg.sweep.grace_period > cfg.train.epochs:
+        raise ConfigError(
+            f"sweep.grace_period={cfg.sweep.grace_period} must be at most train.epochs={cfg.train.epochs}"
+        )
 
 
 def _check_choices(cfg: DictConfig) -> None:

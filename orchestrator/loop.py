@@ -18,7 +18,6 @@ Rank 0 alone talks to MLflow; every rank returns the same metrics.
 from __future__ import annotations
 
 import io
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vlprompt import datasets as vds
@@ -37,6 +36,7 @@ from vlprompt.methods.base import count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.batching import Encoder, Source
+from vlprompt.orchestrator.checkpoints import TrainState
 from vlprompt.orchestrator.checks import method_options
 from vlprompt.orchestrator.data import EvalSet, RunData, prepare_data
 from vlprompt.orchestrator.evaluation import evaluate, evaluate_test_time, transferred
@@ -47,8 +47,43 @@ from vlprompt.orchestrator.training import fit_features, train_epochs
 from vlprompt.orchestrator.views import fits_full_batch, train_views
 from vlprompt.orchestrator.worker import WorkerContext, broadcast_parameters, seed_everything
 
-#: ``report(metrics, checkpoint_dir)``: called once at the end (Ray Train's ``report``).
-Report = Callable[[dict[str, float], str | None], None]
+
+class Session:
+    """What runs the loop, and hears from it: here nothing (tests, benchmarks, notebooks); on a
+    Ray Train worker ``bundle_worker.TrainSession`` (checkpoints, reports to Tune, restarts).
+
+    ``resume``: the checkpoint this run continues from (None: from the start).
+    """
+
+    resume: TrainState | None = None
+    reopened: bool = False  # the run's MLflow run is an earlier attempt's, reopened
+
+    def validates(self, epoch: int) -> bool:
+        """Whether to score the val split after this epoch (early-stopping schedulers need it)."""
+        return False
+
+    def epoch_end(
+        self,
+        epoch: int,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stats: dict[str, float],
+    ) -> None:
+        """After every SGD epoch (and its validation, when asked for: in ``stats``)."""
+
+    def finish(self, metrics: dict[str, float], learned: dict[str, Tensor]) -> None:
+        """Once, at the end, with the final metrics and the learned state (on every rank)."""
+
+
+class Keep(Session):
+    """A session that keeps what the run ended with (notebooks, tests): ``.metrics``, ``.learned``."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.learned: dict[str, Tensor] = {}
+
+    def finish(self, metrics: dict[str, float], learned: dict[str, Tensor]) -> None:
+        self.metrics, self.learned = dict(metrics), dict(learned)
 
 
 @dataclass(frozen=True)
@@ -86,12 +121,14 @@ class Setup:
 class Tracker:
     """Rank 0's MLflow run, or nothing (other ranks; runs without a tracking run)."""
 
-    def __init__(self, uri: str, run_id: str | None) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str | None, reopened: bool = False) -> None:
+        self.uri, self.run_id, self.reopened = uri, run_id, reopened
 
     def params(self, params: Mapping[str, Any]) -> None:
+        """A reopened run (a restart) keeps the params its first attempt logged."""
         if self.run_id:
-            tracking.log_params(self.uri, self.run_id, params)
+            kept = tracking.logged_params(self.uri, self.run_id) if self.reopened else set()
+            tracking.log_params(self.uri, self.run_id, {k: v for k, v in params.items() if k not in kept})
 
     def tags(self, tags: Mapping[str, str]) -> None:
         if self.run_id:
@@ -110,14 +147,14 @@ class Tracker:
 
 
 def run(
-    cfg: DictConfig, ctx: WorkerContext, run_id: str | None, report: Report | None = None
+    cfg: DictConfig, ctx: WorkerContext, run_id: str | None, session: Session | None = None
 ) -> dict[str, float]:
     """One complete run on this worker; returns the final metrics (identical on every rank).
 
-    ``report(metrics, checkpoint_dir)`` is called once, at the end, with the final metrics and
-    (on rank 0) a folder holding the learned state. Per-epoch numbers go to MLflow and stdout
-    only: Tune rejects intermediate results that lack the sweep metric.
+    ``session`` (default: none) hears of every epoch's end and of the end of the run, and may
+    hand the run a checkpoint to resume from (:class:`Session`).
     """
+    session = session or Session()
     started = time.perf_counter()
     if cfg.train.batch_size < ctx.world_size:
         raise ValueError(
@@ -125,13 +162,13 @@ def run(
             f"the number of workers ({ctx.world_size})"
         )
     seed_everything(cfg.seed)
-    tracker = Tracker(cfg.tracking.uri, run_id if ctx.is_main else None)
+    tracker = Tracker(cfg.tracking.uri, run_id if ctx.is_main else None, session.reopened)
     data = prepare_data(cfg)
     announce_skipped(data, ctx)
     setup = set_up(cfg, ctx, data)
     log_run(cfg, ctx, data, setup, tracker)
     set_up_at = time.perf_counter()
-    trained = optimise(cfg, ctx, setup, tracker)
+    trained = optimise(cfg, ctx, setup, tracker, session, data.eval_sets)
     trained_at = time.perf_counter()
     setup.method.eval()
     scores = evaluate_all(cfg, ctx, setup, data.eval_sets)
@@ -147,7 +184,7 @@ def run(
         "time_eval_s": ended - trained_at,
         "time_worker_s": ended - started,
     }
-    finish(cfg, ctx, setup, metrics, tracker, report)
+    finish(cfg, setup, metrics, tracker, session)
     return metrics
 
 
@@ -262,7 +299,14 @@ def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tr
     )
 
 
-def optimise(cfg: DictConfig, ctx: WorkerContext, setup: Setup, tracker: Tracker) -> dict[str, float]:
+def optimise(
+    cfg: DictConfig,
+    ctx: WorkerContext,
+    setup: Setup,
+    tracker: Tracker,
+    session: Session,
+    eval_sets: Sequence[EvalSet],
+) -> dict[str, float]:
     """fit | train | nothing, as the method's capabilities and the protocol say."""
     label = f"{setup.method_name} {cfg.data.dataset} seed {cfg.seed}"
     if setup.fits:
@@ -286,6 +330,12 @@ def optimise(cfg: DictConfig, ctx: WorkerContext, setup: Setup, tracker: Tracker
                 flush=True,
             )
 
+    def on_epoch_end(epoch: int, optimizer: torch.optim.Optimizer, stats: dict[str, float]) -> None:
+        if session.validates(epoch):
+            stats = {**stats, **validate(cfg, ctx, setup, eval_sets)}
+            tracker.metrics({k: v for k, v in stats.items() if k.startswith("val")}, step=epoch)
+        session.epoch_end(epoch, setup.method, optimizer, stats)
+
     t = cfg.train
     return train_epochs(
         setup.method,
@@ -300,7 +350,27 @@ def optimise(cfg: DictConfig, ctx: WorkerContext, setup: Setup, tracker: Tracker
         seed=cfg.seed,
         ctx=ctx,
         on_epoch=on_epoch,
+        on_epoch_end=on_epoch_end,
+        resume=session.resume,
     )
+
+
+def validate(
+    cfg: DictConfig, ctx: WorkerContext, setup: Setup, eval_sets: Sequence[EvalSet]
+) -> dict[str, float]:
+    """The val split's accuracy now, mid-training (``val_acc``, per task when several): what an
+    early-stopping scheduler compares trials on. Never the test split."""
+    val = [es for es in eval_sets if es.role == "val"]
+    setup.method.eval()
+    scores = evaluate_all(cfg, ctx, setup, val)
+    setup.method.train()
+    by_task = {es.name: scores[es.key] for es in val if es.key in scores}
+    if not by_task:
+        return {}
+    out = {"val_acc": sum(by_task.values()) / len(by_task)}
+    if len(by_task) > 1:
+        out.update({f"task_val_acc/{task}": acc for task, acc in by_task.items()})
+    return out
 
 
 def evaluate_all(
@@ -362,22 +432,13 @@ def summarise(scores: Mapping[str, float], eval_sets: Sequence[EvalSet]) -> dict
 
 
 def finish(
-    cfg: DictConfig,
-    ctx: WorkerContext,
-    setup: Setup,
-    metrics: dict[str, float],
-    tracker: Tracker,
-    report: Report | None,
+    cfg: DictConfig, setup: Setup, metrics: dict[str, float], tracker: Tracker, session: Session
 ) -> None:
-    """Final metrics and the learned state to MLflow (rank 0) and to Ray Train's ``report``."""
+    """Final metrics and the learned state to MLflow (rank 0) and to the session."""
     learned = {k: v.detach().cpu() for k, v in setup.method.learned_state().items()}
     tracker.metrics(metrics, step=cfg.train.epochs)
     tracker.files(learned_files(learned, setup.backbone, setup.caps.token_space_keys), "learned")
-    if report is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            if ctx.is_main:
-                torch.save(learned, Path(tmp) / "learned_state.pt")
-            report(metrics, tmp if ctx.is_main else None)
+    session.finish(metrics, learned)
 
 
 def learned_files(
@@ -398,57 +459,3 @@ def learned_files(
     if lines:
         files["learned_prompt_words.txt"] = "\n".join(lines) + "\n"
     return files
-
-
-# ------------------------------------------------------------------------------------ Ray Train
-
-
-def train_bundle(config: dict[str, Any]) -> None:
-    """Entry of every Ray Train worker (via ``trial.worker_entry``): a bundle's runs in turn.
-
-    ``config["runs"]``: per configuration its plain config, ``config_digest``, run name and
-    tags. Rank 0 opens each configuration's MLflow child run as it starts and closes it as it
-    ends, so a configuration that finished stays FINISHED whatever happens to the ones after it.
-    Every configuration reports once (``ray.train.report``): one Tune result each.
-    """
-    for spec in config["runs"]:
-        run_configuration(spec, config["tracking_uri"], config["experiment_id"], config["parent_run_id"])
-
-
-def run_configuration(spec: Mapping[str, Any], uri: str, experiment_id: str, parent_run_id: str) -> None:
-    """One configuration of a bundle: its child run (rank 0) around :func:`run`, one report."""
-    import ray.train
-
-    context = ray.train.get_context()
-    cfg = OmegaConf.create(dict(spec["config"]))
-    ctx = worker_context(cfg, context.get_world_rank(), context.get_world_size())
-    run_id = None
-    if ctx.is_main:
-        run_id = tracking.start_run(uri, experiment_id, spec["name"], spec["tags"], parent_run_id)
-
-    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        extra = {"config_digest": spec["digest"], "run_id": run_id or ""}
-        ray.train.report({**metrics, **extra}, checkpoint=checkpoint)
-
-    try:
-        run(cfg, ctx, run_id, report)
-    except BaseException as err:
-        if run_id is not None:
-            tracking.finish_run(uri, run_id, err)
-        raise
-    if run_id is not None:
-        tracking.finish_run(uri, run_id)
-
-
-def worker_context(cfg: DictConfig, rank: int, world_size: int) -> WorkerContext:
-    """This worker's rank and device (``train.device``; auto: the GPU Ray gave it, if any)."""
-    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
-    if cfg.train.device == "cpu":
-        return WorkerContext(rank, world_size, torch.device("cpu"))
-    import ray.train.torch
-
-    device = ray.train.torch.get_device()
-    if cfg.train.device == "cuda" and device.type != "cuda":
-        raise RuntimeError("train.device=cuda but this worker has no GPU; set resources.use_gpu=true")
-    return WorkerContext(rank, world_size, device)

@@ -35,7 +35,7 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One line per configuration; each metric as (mean, std, n) over the seeds that finished."""
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row.get("error") or "method" not in row:
+        if row.get("error") or row.get("stopped") or "method" not in row:
             continue
         key = tuple(json.dumps(row.get(k), sort_keys=True) for k in _KEYS)
         groups[key].append(row)

@@ -99,6 +99,10 @@ class TrainConfig:
     # seed of the sweep's shared views: view v of an image is the same in every trial, so it is
     # encoded once and cached; null: views drawn from each run's own stream (never shared)
     view_seed: int | None = 0
+    # a Ray Train checkpoint (orchestrator/checkpoints.py) after every this many epochs, so a
+    # restarted worker resumes there and ends with an unbroken run's numbers; 0: none
+    checkpoint_every: int = 1
+    checkpoint_min_interval_s: float = 10.0  # and no sooner than this after the last one
     crop_min_scale: float = 0.08  # RandomResizedCrop's lower scale bound (Dassl reference: 0.08)
     device: str = _choice("auto", "auto", "cpu", "cuda")
 
@@ -117,6 +121,10 @@ class ResourcesConfig:
     # start-up per sweep, but Ray Train's placement-group cleaner needs its state API to free the
     # resources of a Train run whose controller died; a cluster you attach to keeps what it has
     local_dashboard: bool = True
+    # how often a trial is restarted after a process of it dies (a Train worker: Ray Train
+    # restarts the worker group from the last checkpoint; the trial or its controller: Tune
+    # retries the trial); errors raised by the code are not retried
+    max_failures: int = 2
 
 
 @dataclass
@@ -138,6 +146,11 @@ class SweepConfig:
     # grid only: most configurations one trial runs in turn in one Train run (orchestrator/
     # bundles.py); 0: as many as keep every concurrent trial busy; 1: one per trial
     bundle_size: int = 0
+    # early stopping on the per-epoch val split (sweep.metric must be a val_ metric: never select
+    # on test): asha (Tune's ASHAScheduler) or median (MedianStoppingRule); none: every trial runs out
+    scheduler: str = _choice("none", "none", "asha", "median")
+    grace_period: int = 1  # epochs every trial runs before a scheduler may stop it
+    reduction_factor: int = 3  # asha: the fraction 1/reduction_factor of trials goes on at each rung
 
 
 @dataclass

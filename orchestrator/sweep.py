@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,14 +27,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlprompt.orchestrator import results, tracking
+from vlprompt.orchestrator import results, sweep_record, tracking
 from vlprompt.orchestrator.bundles import config_digest, make_bundles
 from vlprompt.orchestrator.config import ConfigError, apply_point, flatten, resolve_paths
 from vlprompt.orchestrator.data import generated_datasets
+from vlprompt.orchestrator.interrupts import Interrupt, graceful_stop
 from vlprompt.orchestrator.pipeline import PipelineReport, fill_feature_cache, planned_trials
 from vlprompt.orchestrator.preflight import preflight
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, grid_points
+from vlprompt.orchestrator.sweep_record import SweepRecord
 from vlprompt.orchestrator.trial import bundle_configs, plain_config, run_trial
 
 #: Per-configuration metrics a results row carries (the table picks its columns from them).
@@ -51,10 +54,16 @@ class SweepOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per configuration
     wall_s: float = 0.0
     overhead_per_configuration_s: float | None = None  # see slot_overhead
+    interrupted: Interrupt | None = None  # stopped by SIGINT/SIGTERM: resumable, runs KILLED
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r.get("error")]
+
+    @property
+    def stopped(self) -> list[dict[str, Any]]:
+        """Rows of configurations a scheduler stopped early, or a signal interrupted."""
+        return [r for r in self.rows if r.get("stopped")]
 
 
 # --------------------------------------------------------------------------------------
@@ -76,27 +85,33 @@ def connect_ray(cfg: DictConfig | None = None, address: str | None = None) -> No
         ray.init(log_to_driver=True, include_dashboard=dashboard)
 
 
-def _fresh_name(storage: Path, name: str, resume: bool) -> str:
-    """Reuse ``name`` to resume; otherwise never write into an earlier sweep's folder."""
-    if resume or not (storage / name).exists():
-        return name
-    n = 2
-    while (storage / f"{name}-{n}").exists():
-        n += 1
-    return f"{name}-{n}"
+def choose_sweep(cfg: DictConfig, storage: Path, resume: bool | str) -> SweepRecord | None:
+    """Name the sweep this launch runs (``cfg.sweep.name``); the record of the one it resumes.
+
+    New: never an earlier sweep's name. ``resume``: True for the latest unfinished sweep of this
+    name and config, a name for that sweep (``orchestrator/sweep_record.py``)."""
+    base = cfg.sweep.name
+    if not resume:
+        cfg.sweep.name = sweep_record.fresh_name(storage, base)
+        return None
+    named = resume if isinstance(resume, str) else None
+    record = sweep_record.resume_target(storage, base, flatten(cfg), named)
+    cfg.sweep.name = record.name
+    return record
 
 
-def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None = None) -> SweepOutcome:
+def run_sweep(cfg: DictConfig, *, resume: bool | str = False, launch_dir: Path | None = None) -> SweepOutcome:
     """Run the whole sweep described by ``cfg`` and return one row per configuration.
 
-    Everything that can fail without Ray fails first: paths are made absolute and every dataset
-    the sweep reads is checked (``preflight``) before Ray starts.
+    Everything that can fail without Ray fails first: paths are made absolute, the sweep to
+    resume is found and its config compared, and every dataset the sweep reads is checked
+    (``preflight``) before Ray starts. SIGINT/SIGTERM stop it resumably (``interrupts.py``).
     """
     import ray
 
     cfg = resolve_paths(cfg, launch_dir)
     storage = Path(cfg.sweep.storage_path)
-    cfg.sweep.name = _fresh_name(storage, cfg.sweep.name, resume)
+    record = choose_sweep(cfg, storage, resume)
     space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
     points = grid_points(space) if space and cfg.sweep.sampler == "grid" else []
     num_configs = len(points) if points else (cfg.sweep.num_samples if space else 1)
@@ -108,11 +123,12 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
     features = fill_feature_cache(cfg, planned_trials(cfg), plan)  # encoded once, with Ray Data
     uri = cfg.tracking.uri
     experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    parent = _parent_run(cfg, storage, uri, experiment_id, resume, plan, num_configs)
+    parent = _parent_run(cfg, storage, uri, experiment_id, record, plan, num_configs)
     print(
-        f"[vlprompt] sweep {cfg.sweep.name!r}: {num_configs} configuration(s) in "
-        f"{len(bundles) if points else num_configs} trial(s), {plan.max_concurrent_trials} at a time, "
-        f"{plan.num_workers} worker(s) × {plan.resources_per_worker} per trial; MLflow run {parent} at {uri}",
+        f"[vlprompt] sweep {cfg.sweep.name!r}{' (resumed)' if record else ''}: {num_configs} "
+        f"configuration(s) in {len(bundles) if points else num_configs} trial(s), "
+        f"{plan.max_concurrent_trials} at a time, {plan.num_workers} worker(s) × "
+        f"{plan.resources_per_worker} per trial; MLflow run {parent} at {uri}",
         flush=True,
     )
     outcome = SweepOutcome(cfg.sweep.name, uri, experiment_id, parent, str(storage), features=features)
@@ -120,21 +136,60 @@ def run_sweep(cfg: DictConfig, *, resume: bool = False, launch_dir: Path | None 
 
     clock = TrialClock(uri, plan.max_concurrent_trials)
     run = (uri, experiment_id, parent)
-    tuner = _tuner(cfg, storage, resume, plan, space, bundles, num_configs, run, clock)
+    tuner = _tuner(cfg, storage, record is not None, plan, space, bundles, num_configs, run, clock)
     started, launched_ms = time.perf_counter(), int(time.time() * 1000)
-    try:
-        grid = tuner.fit()
-    except BaseException as err:
-        tracking.fail_unfinished_children(uri, experiment_id, parent, f"sweep aborted: {err!r}")
-        tracking.finish_run(uri, parent, err)
-        raise
+    grid = _fit(tuner, outcome, storage)
     outcome.wall_s = time.perf_counter() - started
+    if outcome.interrupted is None:
+        _close_stopped_trials(outcome, grid)
     children = tracking.sweep_children(uri, experiment_id, parent)
     outcome.rows = _rows(list(grid), children)
+    if outcome.interrupted is not None:
+        return outcome
     slots = min(plan.max_concurrent_trials, len(bundles) if points else num_configs)
     outcome.overhead_per_configuration_s = slot_overhead(children, launched_ms, outcome.wall_s, slots)
     _finish_parent(cfg, outcome)
     return outcome
+
+
+def _fit(tuner: Any, outcome: SweepOutcome, storage: Path) -> Any:
+    """``tuner.fit()``; a signal ends the sweep's running runs KILLED, an error FAILED."""
+    uri, experiment_id, parent = outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id
+    with graceful_stop() as interrupt:
+        try:
+            grid = tuner.fit()
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                _stop(outcome, storage, interrupt if interrupt.signal else Interrupt(signal.SIGINT))
+                raise
+            tracking.fail_unfinished_children(uri, experiment_id, parent, f"sweep aborted: {err!r}")
+            tracking.finish_run(uri, parent, err)
+            sweep_record.set_state(storage, outcome.name, "failed")
+            raise
+    if interrupt.signal is not None:
+        _stop(outcome, storage, interrupt)
+    return grid
+
+
+def _stop(outcome: SweepOutcome, storage: Path, interrupt: Interrupt) -> None:
+    """A signal stopped the sweep: what ran is KILLED (not FAILED), and the sweep resumable."""
+    uri = outcome.tracking_uri
+    reason = f"interrupted by {interrupt.name}; continue with --resume {outcome.name}"
+    tracking.kill_unfinished_children(uri, outcome.experiment_id, outcome.parent_run_id, reason)
+    tracking.kill_run(uri, outcome.parent_run_id, reason)
+    sweep_record.set_state(storage, outcome.name, "interrupted")
+    outcome.interrupted = interrupt
+
+
+def _close_stopped_trials(outcome: SweepOutcome, grid: Any) -> None:
+    """Runs of trials Tune ended without an error while they trained: stopped early by the
+    scheduler (``sweep.scheduler``). They end KILLED with the reason, not FAILED."""
+    stopped = {r.metrics.get("trial_id") for r in grid if r.error is None and r.metrics}
+    uri = outcome.tracking_uri
+    query = f"tags.`{tracking.PARENT_TAG}` = '{outcome.parent_run_id}' and attributes.status = 'RUNNING'"
+    for child in tracking.children(uri, outcome.experiment_id, query):
+        if child.data.tags.get("trial_id") in stopped:
+            tracking.kill_run(uri, child.info.run_id, "stopped early by the sweep's scheduler")
 
 
 def slot_overhead(children: list[Any], launched_ms: int, wall_s: float, slots: int) -> float | None:
@@ -170,7 +225,9 @@ def _bundles(cfg: DictConfig, points: list[dict[str, Any]], slots: int) -> list[
         return []
     plain = OmegaConf.to_container(cfg, resolve=True)
     configs = [apply_point(plain, point) for point in points]
-    return make_bundles(configs, points, slots, cfg.sweep.bundle_size)
+    # an early-stopping scheduler stops trials: a trial must be one configuration
+    size = 1 if cfg.sweep.scheduler != "none" else cfg.sweep.bundle_size
+    return make_bundles(configs, points, slots, size)
 
 
 def _tuner(
@@ -191,7 +248,13 @@ def _tuner(
     from ray.tune.search.optuna import OptunaSearch
 
     trainable = tune.with_resources(run_trial, {"cpu": TRIAL_CPU})
-    run_config = tune.RunConfig(name=cfg.sweep.name, storage_path=str(storage), verbose=1, callbacks=[clock])
+    run_config = tune.RunConfig(
+        name=cfg.sweep.name,
+        storage_path=str(storage),
+        verbose=1,
+        callbacks=[clock],
+        failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+    )
     if resume and tune.Tuner.can_restore(str(storage / cfg.sweep.name)):
         # the restored experiment keeps its pickled run config, TrialClock included
         return tune.Tuner.restore(str(storage / cfg.sweep.name), trainable, resume_errored=True)
@@ -213,6 +276,7 @@ def _tuner(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
+            scheduler=_scheduler(cfg),
             num_samples=num_samples,
             max_concurrent_trials=plan.max_concurrent_trials,
             metric=cfg.sweep.metric,
@@ -242,6 +306,23 @@ def _param_space(cfg: DictConfig, plan: ResourcePlan, run: tuple[str, str, str])
     return param_space
 
 
+def _scheduler(cfg: DictConfig) -> Any:
+    """Tune's early-stopping scheduler over the per-epoch ``epoch`` / val metric reports."""
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    s = cfg.sweep
+    if s.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    if s.scheduler == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=s.grace_period, min_samples_required=2)
+    return None
+
+
 def _sampler(name: str, seed: int) -> Any:
     import optuna
 
@@ -255,17 +336,19 @@ def _parent_run(
     storage: Path,
     uri: str,
     experiment_id: str,
-    resume: bool,
+    record: SweepRecord | None,
     plan: ResourcePlan,
     num_trials: int,
 ) -> str:
-    marker = storage / f".{cfg.sweep.name}.mlflow_parent_run"
-    if resume and marker.exists():
-        run_id = marker.read_text().strip()
-        tracking.client(uri).update_run(run_id, status="RUNNING")
+    """The sweep's MLflow parent run: the resumed sweep's, RUNNING again, or a new one."""
+    if record is not None:
+        run_id = record.parent_run_id
+        launch = int(tracking.reopen_run(uri, run_id).get("launch", "1")) + 1
+        tracking.set_tags(uri, run_id, {"launch": str(launch)})
+        sweep_record.set_state(storage, record.name, "running")
         return run_id
     run_id = tracking.start_run(
-        uri, experiment_id, cfg.sweep.name, tags={"sweep": cfg.sweep.name, "kind": "sweep"}
+        uri, experiment_id, cfg.sweep.name, tags={"sweep": cfg.sweep.name, "kind": "sweep", "launch": "1"}
     )
     tracking.log_params(
         uri,
@@ -289,8 +372,7 @@ def _parent_run(
         },
         "",
     )
-    storage.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
+    sweep_record.write(storage, sweep_record.new_record(cfg.sweep.name, flatten(cfg), run_id))
     return run_id
 
 
@@ -302,6 +384,8 @@ def _rows(results: list[Any], children: list[Any]) -> list[dict[str, Any]]:
         runs.setdefault(run.data.tags.get("config_digest", ""), []).append(run)
     rows = []
     for result in results:
+        if not result.config:  # a trial Tune never started
+            continue
         try:
             cfgs = bundle_configs(result.config)
         except ConfigError as err:
@@ -332,7 +416,9 @@ def _row(cfg: DictConfig, runs: list[Any], trial_error: BaseException | None) ->
         row.update({k: v for k, v in metrics if k in ROW_METRICS or k.startswith("target_acc/")})
     if finished:
         return row
-    if run is not None and "error" in run.data.tags:
+    if run is not None and "stopped" in run.data.tags:
+        row["stopped"] = run.data.tags["stopped"]
+    elif run is not None and "error" in run.data.tags:
         row["error"] = error_summary(run.data.tags["error"])
     elif trial_error is not None:
         row["error"] = "not run: its trial failed first: " + error_summary(trial_error)
@@ -385,3 +471,4 @@ def _finish_parent(cfg: DictConfig, outcome: SweepOutcome) -> None:
             r["error"] for r in outcome.failed[:5]
         )
     tracking.finish_run(uri, parent, error)
+    sweep_record.set_state(Path(outcome.storage_path), outcome.name, "failed" if error else "finished")

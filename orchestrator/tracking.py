@@ -212,3 +212,86 @@ def code_version() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = "unknown"
     return info
+
+
+# ------------------------------------------------------------------ runs that outlive a process
+
+
+def open_child_run(
+    uri: str, experiment_id: str, parent_run_id: str, name: str, tags: Mapping[str, str]
+) -> tuple[str, int]:
+    """The configuration's child run: its existing one, reopened, or a new one; returns
+    ``(run_id, restarts)``.
+
+    A configuration keeps one child run whatever happens to the processes running it: a
+    restarted Train worker group, a retried Tune trial and a resumed driver all find the run by
+    its ``config_digest`` under the sweep's parent run and set it RUNNING again, counting the
+    restart (tag and metric ``restarts``). The error of the attempt that died moves to
+    ``previous_error``, so a run that then finishes does not read as failed.
+    """
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.config_digest = '{tags['config_digest']}'"
+    earlier = sorted(children(uri, experiment_id, query), key=lambda r: r.info.start_time or 0)
+    if not earlier:
+        return start_run(uri, experiment_id, name, tags, parent_run_id), 0
+    run = earlier[-1]
+    run_id, restarts = run.info.run_id, int(run.data.tags.get("restarts", "0")) + 1
+    reopen_run(uri, run_id)
+    client(uri).set_tag(run_id, "restarts", str(restarts))
+    log_metrics(uri, run_id, {"restarts": restarts})
+    return run_id, restarts
+
+
+def reopen_run(uri: str, run_id: str) -> dict[str, str]:
+    """Set an ended run RUNNING again; returns its tags. What an earlier attempt left that would
+    misdescribe the new one moves aside: ``error`` → ``previous_error``, ``stopped`` → ``previous_stop``."""
+    c = client(uri)
+    tags = c.get_run(run_id).data.tags
+    c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    for key, moved in (("error", "previous_error"), ("stopped", "previous_stop")):
+        if key in tags:
+            c.set_tag(run_id, moved, tags[key])
+            c.delete_tag(run_id, key)
+    return tags
+
+
+def logged_params(uri: str, run_id: str) -> set[str]:
+    """The param keys a run holds already (MLflow params cannot be logged twice differently)."""
+    return set(client(uri).get_run(run_id).data.params)
+
+
+def kill_run(uri: str, run_id: str, reason: str) -> None:
+    """End a run KILLED (stopped from outside: a signal, an early-stopping scheduler), not FAILED."""
+    c = client(uri)
+    c.set_tag(run_id, "stopped", reason[:5000])
+    c.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def kill_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
+    """Every child of the sweep that did not finish and is still RUNNING ends KILLED."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = children(uri, experiment_id, query)
+    for run in runs:
+        kill_run(uri, run.info.run_id, reason)
+    return len(runs)
+
+
+def launch_number(uri: str, parent_run_id: str) -> int:
+    """Which launch of the sweep this is (1, then +1 per ``--resume``): the parent's ``launch`` tag."""
+    return int(client(uri).get_run(parent_run_id).data.tags.get("launch", "1"))
+
+
+def digest_states(uri: str, experiment_id: str, parent_run_id: str, launch: int) -> dict[str, str]:
+    """``config_digest`` → ``finished`` (a FINISHED child run), ``failed`` (its run raised in
+    launch ``launch``) or ``open`` (anything else: still to run, or to run again)."""
+    states: dict[str, str] = {}
+    for run in sweep_children(uri, experiment_id, parent_run_id):
+        digest = run.data.tags.get("config_digest")
+        if digest is None or states.get(digest) == "finished":
+            continue
+        if run.info.status == "FINISHED":
+            states[digest] = "finished"
+        elif run.info.status == "FAILED" and run.data.tags.get("failed_launch") == str(launch):
+            states[digest] = "failed"
+        else:
+            states.setdefault(digest, "open")
+    return states

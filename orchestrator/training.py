@@ -21,10 +21,13 @@ from torch import Tensor, nn
 
 from vlprompt.methods.base import FeatureSet, trainable_parameters
 from vlprompt.orchestrator.batching import Source, epoch_batches
+from vlprompt.orchestrator.checkpoints import TrainState, restore
 from vlprompt.orchestrator.worker import WorkerContext, broadcast_parameters, sum_gradients, summed
 
 #: Called once per epoch with (epoch, {"train_loss", "lr"}): logging and progress lines.
 EpochLog = Callable[[int, dict[str, float]], None]
+#: Called after each epoch's log with (epoch, optimizer, stats): checkpoints, reports to Tune.
+EpochEnd = Callable[[int, torch.optim.Optimizer, dict[str, float]], None]
 
 
 def lr_at(epoch: int, *, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -88,13 +91,24 @@ def train_epochs(
     seed: int,
     ctx: WorkerContext,
     on_epoch: EpochLog,
+    on_epoch_end: EpochEnd | None = None,
+    resume: TrainState | None = None,
 ) -> dict[str, float]:
-    """The SGD epochs; returns the last epoch's mean loss as ``final_train_loss``."""
+    """The SGD epochs; returns the last epoch's mean loss as ``final_train_loss``.
+
+    ``resume``: a checkpoint of this run after ``resume.epoch`` epochs (``orchestrator/
+    checkpoints.py``): parameters, optimiser and RNG streams are put back and the remaining
+    epochs run as they would have.
+    """
     optimizer = torch.optim.SGD(
         trainable_parameters(method), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
     stats: dict[str, float] = {}
-    for epoch in range(epochs):
+    first = 0
+    if resume is not None:
+        restore(resume, method, optimizer)
+        first, stats = resume.epoch, dict(resume.stats)
+    for epoch in range(first, epochs):
         rate = lr_at(epoch, lr=lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = rate
@@ -102,6 +116,8 @@ def train_epochs(
         stats = train_epoch(method, source, optimizer, batch_size=batch_size, seed=seed, epoch=epoch, ctx=ctx)
         stats["lr"] = rate
         on_epoch(epoch, stats)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, optimizer, stats)
     return {"final_train_loss": stats["train_loss"]} if stats else {}
 
 

@@ -60,3 +60,12 @@ def summed(values: Sequence[float], ctx: WorkerContext) -> torch.Tensor:
     if ctx.world_size > 1:
         dist.all_reduce(totals)
     return totals
+
+
+def broadcast_flag(flag: bool, ctx: WorkerContext) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision taken by one clock, for all)."""
+    if ctx.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=ctx.device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

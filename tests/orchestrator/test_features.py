@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlprompt.orchestrator.config import load_config, resolve_paths
-from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.loop import Keep, WorkerContext, run
 
 pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
 
@@ -32,14 +32,9 @@ def _cfg(tmp_path, *overrides, method=("method.name=zeroshot",)):
 
 
 def _run(cfg):
-    out = {}
-    metrics = run(
-        cfg,
-        WorkerContext(0, 1, CPU),
-        None,
-        lambda m, d: out.update(state=torch.load(Path(d) / "learned_state.pt")) if d else None,
-    )
-    return metrics, out.get("state", {})
+    kept = Keep()
+    metrics = run(cfg, WorkerContext(0, 1, CPU), None, kept)
+    return metrics, kept.learned
 
 
 def test_a_second_run_reads_every_test_feature_from_the_cache(tmp_path):

@@ -32,7 +32,7 @@ import torch
 
 from vlprompt import datasets as vds
 from vlprompt.orchestrator.config import load_config, resolve_paths
-from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.loop import Session, WorkerContext, run
 
 pytestmark = pytest.mark.e2e
 
@@ -163,11 +163,11 @@ def run_case(case: str, root: Path, tmp_path: Path) -> dict[str, float]:
     cfg = resolve_paths(load_config(None, overrides), tmp_path)
     learned: dict[str, torch.Tensor] = {}
 
-    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:
-            learned.update(torch.load(Path(checkpoint_dir) / "learned_state.pt"))
+    class Capture(Session):
+        def finish(self, metrics: dict[str, float], state: dict[str, torch.Tensor]) -> None:
+            learned.update(state)
 
-    metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, report)
+    metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, Capture())
     numbers = {k: float(v) for k, v in metrics.items() if not k.startswith(NOT_RESULTS)}
     flat = [t.double().flatten() for t in learned.values()]
     if flat:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from vlprompt.methods import METHODS, capabilities
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.config import load_config, resolve_paths
-from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.loop import Session, WorkerContext, run
 
 pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
 
@@ -43,12 +42,11 @@ def _learned(tmp_path, cfg, ctx=None):
     ctx = ctx or WorkerContext(0, 1, CPU)
     captured = {}
 
-    def report(metrics, checkpoint_dir):
-        if checkpoint_dir:
-            captured["state"] = torch.load(os.path.join(checkpoint_dir, "learned_state.pt"))
-            captured["metrics"] = metrics
+    class Capture(Session):
+        def finish(self, metrics, learned):
+            captured["state"], captured["metrics"] = learned, metrics
 
-    metrics = run(cfg, ctx, None, report)
+    metrics = run(cfg, ctx, None, Capture())
     return metrics, captured
 
 
@@ -88,12 +86,12 @@ def test_training_moves_the_prompt_and_logs_everything_to_mlflow(tmp_path):
     exp = tracking.ensure_experiment(uri, "unit")
     run_id = tracking.start_run(uri, exp, "unit-run")
     captured = {}
-    metrics = run(
-        cfg,
-        WorkerContext(0, 1, CPU),
-        run_id,
-        lambda m, d: captured.update(state=torch.load(os.path.join(d, "learned_state.pt"))) if d else None,
-    )
+
+    class Capture(Session):
+        def finish(self, metrics, learned):
+            captured["state"] = learned
+
+    metrics = run(cfg, WorkerContext(0, 1, CPU), run_id, Capture())
     tracking.finish_run(uri, run_id)
     client = MlflowClient(uri)
     data = client.get_run(run_id).data
@@ -139,12 +137,12 @@ def _ddp_worker(rank, world, init_file, cfg_yaml, out):
     try:
         cfg = OmegaConf.create(cfg_yaml)
         states = {}
-        run(
-            cfg,
-            WorkerContext(rank, world, CPU),
-            None,
-            lambda m, d: states.update(s=torch.load(os.path.join(d, "learned_state.pt")), m=m) if d else None,
-        )
+
+        class Capture(Session):
+            def finish(self, metrics, learned):
+                states.update(s=learned, m=metrics)
+
+        run(cfg, WorkerContext(rank, world, CPU), None, Capture())
         if rank == 0:
             torch.save(states, out)
     finally:
@@ -203,12 +201,12 @@ def test_linear_probe_fits_on_train_features_and_logs_its_choice_of_c(tmp_path, 
     uri = cfg.tracking.uri
     run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "unit"), "probe")
     captured = {}
-    metrics = run(
-        cfg,
-        WorkerContext(0, 1, CPU),
-        run_id,
-        lambda m, d: captured.update(state=torch.load(os.path.join(d, "learned_state.pt"))) if d else None,
-    )
+
+    class Capture(Session):
+        def finish(self, metrics, learned):
+            captured["state"] = learned
+
+    metrics = run(cfg, WorkerContext(0, 1, CPU), run_id, Capture())
     tracking.finish_run(uri, run_id)
     data = MlflowClient(uri).get_run(run_id).data
     assert 0.0 <= metrics["test_acc"] <= 100.0 and data.metrics["test_acc"] == metrics["test_acc"]

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from vlprompt import datasets as vds
 from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.data import prepare_data
-from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.loop import Keep, WorkerContext, run
 from vlprompt.orchestrator.pipeline import (
     FeaturePipelineError,
     fill_feature_cache,
@@ -66,14 +66,9 @@ def _fill(cfg):
 
 
 def _learned(cfg):
-    out = {}
-
-    def report(metrics, folder):
-        if folder:
-            out["state"] = torch.load(Path(folder) / "learned_state.pt")
-
-    metrics = run(cfg, WorkerContext(0, 1, CPU), None, report)
-    return metrics, out["state"]
+    kept = Keep()
+    metrics = run(cfg, WorkerContext(0, 1, CPU), None, kept)
+    return metrics, kept.learned
 
 
 def _entries(folder: Path) -> dict[str, dict[str, np.ndarray]]:

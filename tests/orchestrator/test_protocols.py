@@ -20,7 +20,7 @@ from vlprompt.methods.clip import load_backbone
 from vlprompt.methods.common import cosine_logits, image_features
 from vlprompt.orchestrator.batching import Encoder, Source
 from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
-from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.loop import Keep, WorkerContext, run
 from vlprompt.orchestrator.training import train_epoch
 
 pytestmark = pytest.mark.e2e  # runs the real loop in-process (seconds per test)
@@ -210,15 +210,10 @@ def test_softcpt_trains_one_generator_for_every_task_of_a_group(tmp_path, pair_g
         f"data.dataset={pair_group}",
         method=("method.name=softcpt", "method.n_ctx=4"),
     )
-    captured = {}
-    metrics = run(
-        cfg,
-        WorkerContext(0, 1, CPU),
-        None,
-        lambda m, d: captured.update(state=torch.load(Path(d) / "learned_state.pt")) if d else None,
-    )
+    kept = Keep()
+    metrics = run(cfg, WorkerContext(0, 1, CPU), None, kept)
     assert {"task_acc/synthetic", "task_acc/eurosat"} <= set(metrics)
-    state = captured["state"]
+    state = kept.learned
     assert set(state) == {"task_ctx", "proj"}
     assert metrics["trainable_params"] == state["task_ctx"].numel() + state["proj"].numel()
     assert state["proj"].shape[1] == 4 * state["task_ctx"].shape[1]  # n_ctx x text width

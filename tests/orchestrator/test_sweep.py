@@ -69,14 +69,19 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     assert good.data.metrics["ray_overhead_s"] >= 0
     assert good.data.metrics["time_trial_s"] > good.data.metrics["time_worker_s"]
 
-    # --resume continues the same sweep: the finished trial is not run again, the failed one is
+    # --resume continues the same sweep: the finished configuration is not run again, the failed
+    # one is -- under its own child run, reopened (one run per configuration, restarts counted)
     resumed = run_sweep(cfg, resume=True, launch_dir=tmp_path)
     assert resumed.name == "unit-sweep" and resumed.parent_run_id == outcome.parent_run_id
     assert len(resumed.rows) == 2 and len(resumed.failed) == 1
     children = client.search_runs(
         [outcome.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
     )
-    assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FINISHED"]
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+    again_failed = next(c for c in children if c.info.status == "FAILED")
+    assert again_failed.info.run_id == bad.info.run_id and again_failed.data.tags["restarts"] == "1"
+    assert bad_image in again_failed.data.tags["error"]
+    assert client.get_run(outcome.parent_run_id).data.tags["launch"] == "2"
 
     # a second launch with the same name never writes into the first sweep's folder
     again = run_sweep(

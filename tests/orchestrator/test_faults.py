@@ -1,0 +1,268 @@
+"""Faults injected into real sweeps (Ray Train + Tune + MLflow, the front door in a subprocess).
+
+* A Train worker SIGKILLed mid-run: Ray Train restarts the worker group, the run resumes from
+  its last checkpoint under the same MLflow child run (``restarts`` = 1) and ends with the
+  numbers and learned state of an unbroken run.
+* A driver stopped by SIGINT, then SIGKILLed while resuming, then resumed again: the in-flight
+  configuration continues from its checkpoints under its one child run, nothing finished is
+  repeated, states are KILLED (not FAILED/RUNNING) after the signal, nothing is RUNNING at the
+  end, no configuration has two FINISHED runs, and no Ray process outlives its driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from vlprompt.orchestrator.config import load_config, resolve_paths
+from vlprompt.orchestrator.loop import Keep, WorkerContext, run
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+UNIT = str(REPO / "tests" / "assets" / "unit.yaml")
+COMPARED = ("test_acc", "val_acc", "final_train_loss")
+
+
+class Driver:
+    """``experiments/benchmark.py`` in its own process group, with a private Ray temp folder."""
+
+    def __init__(self, tmp_path: Path, ray_tmp: str, overrides: list[str], label: str, *flags: str) -> None:
+        self.log = tmp_path / f"{label}.log"
+        self.ray_tmp = ray_tmp
+        args = [
+            sys.executable,
+            str(REPO / "experiments" / "benchmark.py"),
+            "--config",
+            UNIT,
+            *flags,
+            *overrides,
+        ]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=tmp_path,
+                env={**os.environ, "RAY_TMPDIR": ray_tmp},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, check: Callable[[str], bool], timeout: float, what: str) -> float:
+        started = time.time()
+        while time.time() - started < timeout:
+            if check(self.text()):
+                return time.time()
+            assert self.proc.poll() is None, f"driver ended before {what}:\n{self.text()[-4000:]}"
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.text()[-4000:]}")
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def ray_processes(ray_tmp: str) -> list[int]:
+    """Live processes of a Ray whose ``RAY_TMPDIR`` is ``ray_tmp`` (by command line or environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().split()[2] == "Z":
+                continue
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"RAY_TMPDIR={ray_tmp}".encode() in blob or f"{ray_tmp}/".encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def train_worker_pid(ray_tmp: str) -> int:
+    for pid in ray_processes(ray_tmp):
+        with contextlib.suppress(OSError):
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError("no Ray Train worker process found")
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def ray_tmp():
+    path = tempfile.mkdtemp(prefix="vlpf", dir="/tmp")  # short: Ray's socket paths must fit
+    yield path
+    kill_all(ray_processes(path))
+
+
+def _overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.root={tmp_path / 'data'}",
+        f"data.feature_cache={tmp_path / 'features'}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"sweep.storage_path={tmp_path / 'ray_results'}",
+        f"sweep.name={name}",
+        "train.checkpoint_every=1",
+        "train.checkpoint_min_interval_s=0",
+        *extra,
+    ]
+
+
+def _unbroken(tmp_path: Path, overrides: list[str]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The same configuration run in-process, start to end (the features come from the same cache)."""
+    kept = Keep()
+    cfg = resolve_paths(load_config(UNIT, [*overrides, "sweep.space={}"]), tmp_path)
+    metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, kept)
+    return metrics, kept.learned
+
+
+def _learned(client: MlflowClient, run_id: str, tmp_path: Path) -> dict[str, torch.Tensor]:
+    path = client.download_artifacts(run_id, "learned/learned_state.pt", str(tmp_path / run_id))
+    return torch.load(path, weights_only=True)
+
+
+def _children(client: MlflowClient, parent: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def _parent_id(text: str) -> str:
+    return re.search(r"MLflow run (\w+) at", text).group(1)
+
+
+def _epoch_line(n: int) -> Callable[[str], bool]:
+    return lambda text: re.search(rf"epoch {n}/\d+ loss", text) is not None
+
+
+def test_a_killed_train_worker_resumes_from_its_checkpoint_with_the_same_numbers(tmp_path, ray_tmp):
+    overrides = _overrides(tmp_path, "worker-kill", "train.epochs=30")
+    driver = Driver(tmp_path, ray_tmp, overrides, "driver")
+    driver.wait_for(_epoch_line(4), 240, "epoch 4")
+    victim = train_worker_pid(ray_tmp)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    resumed_at = driver.wait_for(lambda t: "resumed after epoch" in t, 120, "the resumed run")
+    assert driver.finish() == 0, driver.text()[-4000:]
+    print(f"\n[faults] worker {victim} SIGKILLed; run resumed {resumed_at - killed_at:.1f} s later")
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = _children(client, _parent_id(driver.text()))  # one child run, not a second one
+    assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
+    assert child.data.metrics["restarts"] == 1
+    history = client.get_metric_history(child.info.run_id, "train_loss")
+    assert {m.step for m in history} == set(range(30))
+
+    expected, learned = _unbroken(tmp_path, overrides)
+    assert {k: child.data.metrics[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+    got = _learned(client, child.info.run_id, tmp_path)
+    assert got.keys() == learned.keys() and all(torch.equal(got[k], learned[k]) for k in learned)
+
+
+def _states(client: MlflowClient, parent: str) -> dict[int, list[str]]:
+    """seed → the statuses of its configuration's child runs."""
+    out: dict[int, list[str]] = {}
+    for child in _children(client, parent):
+        out.setdefault(int(child.data.params["seed"]), []).append(child.info.status)
+    return out
+
+
+def test_a_stopped_then_killed_driver_resumes_to_a_complete_sweep(tmp_path, ray_tmp):
+    overrides = _overrides(
+        tmp_path,
+        "driver-faults",
+        "train.epochs=20",
+        "sweep.space={seed: {choice: [1, 2, 3]}}",
+        "sweep.bundle_size=3",
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    # 1. SIGINT while the second configuration trains: what ran ends KILLED, resumable
+    first = Driver(tmp_path, ray_tmp, overrides, "launch1")
+    first.wait_for(lambda t: "seed 2: epoch 3/20" in t, 240, "seed 2's third epoch")
+    first.proc.send_signal(signal.SIGINT)
+    assert first.finish(120) == 130, first.text()[-4000:]
+    assert "continue with: python experiments/benchmark.py" in first.text()
+    client = MlflowClient(uri)
+    parent = _parent_id(first.text())
+    assert client.get_run(parent).info.status == "KILLED"
+    assert "interrupted by SIGINT" in client.get_run(parent).data.tags["stopped"]
+    states = _states(client, parent)  # Tune ends the trial a few seconds after the signal
+    killed = [seed for seed, s in states.items() if s == ["KILLED"]]
+    assert len(killed) == 1 and states[1] == ["FINISHED"], states
+    assert all(s in (["FINISHED"], ["KILLED"]) for s in states.values()), states
+    inflight = killed[0]
+
+    # a changed config is refused before Ray starts, naming the key
+    changed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "benchmark.py"),
+            "--config",
+            UNIT,
+            "--resume",
+            *overrides,
+            "train.epochs=21",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert changed.returncode == 2 and "train.epochs: 20 → 21" in changed.stderr, changed.stderr
+
+    # 2. resumed, then SIGKILLed (the whole process group) while seed 2 trains on
+    second = Driver(tmp_path, ray_tmp, overrides, "launch2", "--resume")
+    started = f"seed {inflight}: epoch "
+    second.wait_for(lambda t: started in t, 240, "the in-flight configuration")
+    found = re.search(rf"seed{inflight}-\S+: resumed after epoch (\d+)", second.text())
+    resumed_epoch = int(found.group(1)) if found else 0  # none if it was stopped before a checkpoint
+    more = f"seed {inflight}: epoch {resumed_epoch + 2}/20"
+    second.wait_for(lambda t: more in t, 120, "two more epochs")
+    second.kill()
+    orphans = ray_processes(ray_tmp)
+    print(f"\n[faults] driver SIGKILLed: {len(orphans)} Ray processes outlived it")
+    assert client.get_run(parent).info.status == "RUNNING"  # nobody could close it: the next launch does
+
+    # 3. resumed again: the sweep completes, each configuration once
+    third = Driver(tmp_path, ray_tmp, overrides, "launch3", "--resume")
+    assert third.finish() == 0, third.text()[-4000:]
+    assert not ray_processes(ray_tmp), "processes of a killed or finished driver's Ray are left"
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.tags["launch"] == "3"
+    assert _states(client, parent) == {1: ["FINISHED"], 2: ["FINISHED"], 3: ["FINISHED"]}
+    children = {int(c.data.params["seed"]): c for c in _children(client, parent)}
+    assert children[1].data.tags.get("restarts") is None  # finished in launch 1, never run again
+    assert int(children[inflight].data.tags["restarts"]) >= 2
+    assert "| coop" in third.text() and "1,2,3" in third.text()  # the table has every seed
+
+    # the configuration stopped twice ends as an unbroken run of it does
+    expected, learned = _unbroken(tmp_path, [*overrides, f"seed={inflight}"])
+    assert {k: children[inflight].data.metrics[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+    got = _learned(client, children[inflight].info.run_id, tmp_path)
+    assert all(torch.equal(got[k], learned[k]) for k in learned)
