@@ -165,7 +165,7 @@ class NodeWatch:
         while not self.stop.is_set():
             try:
                 nodes = self.cluster.alive_nodes()
-            except OSError:  # the dashboard is busy; try again
+            except (OSError, ValueError, KeyError):  # the dashboard is busy or starting: again
                 nodes = None
             if nodes is not None and (not self.changes or self.changes[-1][1] != nodes):
                 self.changes.append((time.monotonic() - self.t0, nodes))
