@@ -50,7 +50,8 @@ def plan_resources(
 
     ``cluster`` is what Ray reports (keys ``CPU``/``GPU``). On an autoscaling cluster the
     GPUs may not exist yet; pass ``use_gpu=true`` explicitly there and the autoscaler
-    adds nodes for the requested resources.
+    adds nodes for the requested resources, as many trials at once as
+    ``max_concurrent_trials`` allows (0: one), whatever the head's own CPUs.
     """
     cpus = float(cluster.get("CPU", 0.0))
     gpus = float(cluster.get("GPU", 0.0))
@@ -78,8 +79,12 @@ def plan_resources(
                 f"but the cluster has {gpus:g}; lower resources.num_workers or gpus_per_worker"
             )
         fits.append(math.floor(gpus / need["GPU"] + 1e-9))
-    elif gpu:  # no GPU node yet (autoscaling): one trial at a time, the autoscaler adds nodes for it
-        fits.append(1)
+    elif gpu:
+        # No GPU node yet: an autoscaling cluster adds GPU nodes, with their own CPUs, for the
+        # trials that wait for them, so today's (head) CPUs do not bound the concurrency; how many
+        # nodes it may add is the autoscaler's config, which the plan cannot see:
+        # resources.max_concurrent_trials says it (unset: one trial at a time).
+        fits = [max_concurrent_trials if max_concurrent_trials > 0 else 1]
     concurrent = max(1, min(fits))
     if max_concurrent_trials > 0:
         concurrent = min(concurrent, max_concurrent_trials)

@@ -80,3 +80,16 @@ def test_limits_and_explicit_choices():
     assert plan.use_gpu and plan.max_concurrent_trials == 1
     with pytest.raises(ResourceError, match="needs 4 GPUs"):
         _plan({"CPU": 32.0, "GPU": 2.0}, num_workers=4)
+
+
+def test_autoscaling_cluster_without_gpus_yet_runs_as_many_trials_as_allowed():
+    # the GPU nodes the autoscaler adds bring their own CPUs: the head's 2 CPUs do not cap the
+    # trials (4 × 1.01 CPUs would not fit on them), resources.max_concurrent_trials does
+    plan = _plan({"CPU": 2.0}, use_gpu="true", max_concurrent_trials=4)
+    assert plan.use_gpu and plan.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+    assert plan.max_concurrent_trials == 4
+    fewer = _plan({"CPU": 2.0}, use_gpu="true", max_concurrent_trials=4, num_trials=2)
+    assert fewer.max_concurrent_trials == 2
+    # a head with no CPUs for tasks at all (KubeRay's usual num-cpus: 0) plans the same way
+    assert _plan({}, use_gpu="true", max_concurrent_trials=3).max_concurrent_trials == 3
+    assert _plan({"CPU": 8.0}, use_gpu="true").max_concurrent_trials == 1  # unset: one at a time
