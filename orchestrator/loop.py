@@ -421,6 +421,7 @@ def run_configuration(spec: Mapping[str, Any], uri: str, experiment_id: str, par
 
     context = ray.train.get_context()
     cfg = OmegaConf.create(dict(spec["config"]))
+    tracking.configure(cfg)  # retry deadline and spool folder (orchestrator/spool.py)
     ctx = worker_context(cfg, context.get_world_rank(), context.get_world_size())
     run_id = None
     if ctx.is_main:

@@ -69,6 +69,7 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     uri, plan = config["_tracking_uri"], config["_plan"]
     cfgs = bundle_configs(config)
+    tracking.configure(config)  # retry deadline and spool folder (orchestrator/spool.py)
     done = tracking.finished_digests(uri, config["_experiment_id"], config["_parent_run_id"])
     runs = [spec for spec in (_run_spec(cfg, trial_id) for cfg in cfgs) if spec["digest"] not in done]
     if not runs:
