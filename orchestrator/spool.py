@@ -421,19 +421,21 @@ class Replayed:
     rejected: int = 0
     left: int = 0  # still pending: the server stopped answering
     files: int = 0
+    error: TrackingUnavailable | None = None  # why some are left
 
     def add(self, other: Replayed) -> None:
         self.sent += other.sent
         self.rejected += other.rejected
         self.left += other.left
         self.files += other.files
+        self.error = self.error or other.error
 
 
 def replay_file(path: Path, uri: str | None = None, deadline_s: float | None = None) -> Replayed:
     """Send a spool file's pending entries in order, each marked done once sent (or rejected).
 
-    ``uri``: send to this server instead of the one each entry names. Raises
-    :class:`TrackingUnavailable` when the server stops answering; what is left stays pending.
+    ``uri``: send to this server instead of the one each entry names. When the server stops
+    answering, the rest stays pending (``left``, ``error``).
     """
     out = Replayed(files=1)
     with _lock, _locked(path) as fd:
@@ -443,9 +445,9 @@ def replay_file(path: Path, uri: str | None = None, deadline_s: float | None = N
             try:
                 send = partial(apply, client(target), entry, path.parent)
                 call(target, f"replay {entry['op']}", send, deadline_s)
-            except TrackingUnavailable:
-                out.left = len(todo) - i
-                raise
+            except TrackingUnavailable as err:
+                out.left, out.error = len(todo) - i, err
+                break
             except Exception as err:  # an answer: MLflow will never take this entry
                 _append(fd, {"done": entry["seq"], "rejected": _short(err)})
                 _say(f"{path.name}: entry {entry['seq']} ({entry['op']}) rejected by {target}: {_short(err)}")
@@ -468,11 +470,8 @@ def replay_folder(
         todo = pending(path)
         if not todo or (only_uri is not None and todo[0]["uri"] != only_uri):
             continue
-        try:
-            total.add(replay_file(path, uri, deadline_s))
-        except TrackingUnavailable:
-            total.left += len(pending(path))
-            total.files += 1
+        total.add(replay_file(path, uri, deadline_s))
+        if total.left:
             break
     if total.sent or total.rejected:
         _say(
@@ -484,14 +483,18 @@ def replay_folder(
 
 
 def _replay_own(uri: str, deadline_s: float | None) -> None:
-    """Replay this process's spool files for ``uri`` (before a new write, to keep the order)."""
-    files = _own.get(uri, {})
-    sent = 0
+    """Replay this process's spool files for ``uri`` (before a new write, to keep the order);
+    raises :class:`TrackingUnavailable` if the server stops answering meanwhile."""
+    files, done = _own.get(uri, {}), Replayed()
     for path in [p for p, dirty in files.items() if dirty]:
-        sent += replay_file(path, None, deadline_s).sent
+        done.add(replay_file(path, None, deadline_s))
+        if done.left:
+            break
         files[path] = False
-    if sent:
-        _say(f"replayed {sent} spooled write(s) to {uri}")
+    if done.sent:
+        _say(f"replayed {done.sent} spooled write(s) to {uri}" + (f"; {done.left} left" if done.left else ""))
+    if done.error is not None:
+        raise done.error
 
 
 def read(uri: str, what: str, fn: Callable[[], T]) -> T:
@@ -518,14 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--deadline-s", type=float, default=30.0, help="how long to wait for the server")
     args = parser.parse_args(argv)
     configure(retry_deadline_s=args.deadline_s)
-    try:
-        if args.folder.is_file():
-            done = replay_file(args.folder, args.uri)
-        else:
-            done = replay_folder(args.folder, args.uri)
-    except TrackingUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.folder.is_file():
+        done = replay_file(args.folder, args.uri)
+    else:
+        done = replay_folder(args.folder, args.uri)
+    if done.error is not None:
+        print(f"error: {done.error}", file=sys.stderr)
     print(f"sent {done.sent}, rejected {done.rejected}, still pending {done.left} ({done.files} file(s))")
     return 0 if not (done.left or done.rejected) else 1
 

@@ -110,6 +110,7 @@ def settings():
     saved = spool.Settings(**vars(spool.settings()))
     yield
     vars(spool.settings()).update(vars(saved))
+    spool._own.clear()  # what the test spooled is its own: no replay attempt at exit
 
 
 def _kill_strays(ray_tmp: str) -> None:
