@@ -32,9 +32,11 @@ metrics logged before it. Order across processes is not defined (a Train worker 
 write different things; MLflow accepts metrics on a terminated run).
 
 **Replay** happens (1) in the writing process, on its next write once the server answers;
-(2) before every search (``tracking.children``) over the whole spool folder, so the sweep
-driver's final reads replay every file of the sweep and a trial deciding what finished sees a
-FINISHED that a worker spooled; (3) by hand: ``python -m vlprompt.orchestrator.spool replay DIR
+(2) with every search (``tracking.children``): once the server answers it, every file of the
+spool folder written for that server is sent and, if anything was, the search is asked again --
+so the sweep driver's final reads replay every file of the sweep (on its node), and a trial
+deciding what finished sees a FINISHED that a worker spooled; (3) at exit, a process with
+spooled writes tries once more; (4) by hand: ``python -m vlprompt.orchestrator.spool replay DIR
 [--uri URI]``. Replay is idempotent: every replayed entry gets a ``{"done": seq}`` line. A crash
 between an entry's replay and its mark replays it once more, which MLflow takes without harm (a
 param with the same value is accepted; a metric with the same key, step, timestamp and value is

@@ -298,3 +298,24 @@ def test_writes_queue_behind_the_spool_and_the_first_write_after_recovery_sends_
     err = capsys.readouterr().err
     for line in ("is not answering", "spooled to", "answers again", "replayed 6 spooled write(s)"):
         assert err.count(line) == 1, err
+
+
+def test_a_search_sends_the_spooled_finished_first_so_a_resume_skips_that_configuration(
+    server, tmp_path, settings
+):
+    server.ensure_up()
+    uri = server.uri
+    spool.configure(retry_deadline_s=1, spool_dir=tmp_path / "spool")
+    exp = tracking.ensure_experiment(uri, "search")
+    parent = tracking.start_run(uri, exp, "sweep", tags={"kind": "sweep"})
+    tags = {"config_digest": "abc123", "trial_id": "t0"}
+    child = tracking.start_run(uri, exp, "child", tags=tags, parent_run_id=parent)
+    server.kill()
+    tracking.log_metrics(uri, child, {"test_acc": 55.0})  # past the deadline: spooled
+    tracking.finish_run(uri, child)
+    server.start()
+    # no write comes after the outage: the search itself sends what was spooled, then answers
+    assert tracking.finished_digests(uri, exp, parent) == {"abc123"}
+    assert tracking.fail_unfinished_children(uri, exp, parent, "sweep ended") == 0
+    run = MlflowClient(uri).get_run(child)
+    assert run.info.status == "FINISHED" and run.data.metrics["test_acc"] == 55.0
