@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,7 @@ def test_a_sweep_survives_its_server_killed_and_restarted_and_loses_nothing(serv
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         _kill_strays(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log.read_text()
     assert f"MLflow at {server.uri} is not answering" in text and "answers again" in text
     assert len(at_kill) < 2 or min(at_kill.values()) < epochs  # the kill landed mid-training
