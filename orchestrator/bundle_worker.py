@@ -60,6 +60,7 @@ def run_configuration(spec: Mapping[str, Any], config: Mapping[str, Any], progre
 
     context = ray.train.get_context()
     cfg = OmegaConf.create(dict(spec["config"]))
+    tracking.configure(cfg)  # retry deadline and spool folder (orchestrator/spool.py)
     ctx = worker_context(cfg, context.get_world_rank(), context.get_world_size())
     uri = config["tracking_uri"]
     run_id, restarts = None, 0

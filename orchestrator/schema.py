@@ -132,6 +132,12 @@ class TrackingConfig:
     # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite in the launch dir
     uri: str | None = None
     experiment: str = "vlprompt"
+    # how long a call waits for an unreachable server (retries with backoff) before a write is
+    # spooled to local disk, or a call that needs an answer (new run, search) fails (spool.py)
+    retry_deadline_s: float = 90.0
+    request_timeout_s: float = 30.0  # one HTTP request to the server, at most
+    # where spooled writes go; null: <sweep.storage_path>/<sweep name>/tracking-spool
+    spool_dir: str | None = _path("dir", None)
 
 
 @dataclass

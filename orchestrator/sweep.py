@@ -112,6 +112,7 @@ def run_sweep(cfg: DictConfig, *, resume: bool | str = False, launch_dir: Path |
     cfg = resolve_paths(cfg, launch_dir)
     storage = Path(cfg.sweep.storage_path)
     record = choose_sweep(cfg, storage, resume)
+    tracking.configure(cfg)  # retry deadline and spool folder (orchestrator/spool.py)
     space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
     points = grid_points(space) if space and cfg.sweep.sampler == "grid" else []
     num_configs = len(points) if points else (cfg.sweep.num_samples if space else 1)

@@ -7,6 +7,13 @@ through ``mlflow``'s process-global active run or ``set_experiment`` (which expo
 Who talks to MLflow: the sweep driver (parent run), the Tune trial function (creates
 the child run, and marks it FINISHED or FAILED whatever happened to its workers), and
 rank 0 of the Train workers (params, metrics, artifacts). Other ranks never do.
+
+None of them dies because the server blinked: writes retry with backoff and, past
+``tracking.retry_deadline_s``, go to a local spool that is replayed when the server answers;
+calls that need an answer (a new run's id, searches) retry up to the deadline, then raise
+:class:`~vlprompt.orchestrator.spool.TrackingUnavailable` (``orchestrator/spool.py`` explains
+what is retried, where the spool lives and how it is replayed). Each process calls
+:func:`configure` with its config once, before it tracks anything.
 """
 
 from __future__ import annotations
@@ -22,18 +29,39 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.tracking import MlflowClient
+from mlflow.entities import RunStatus
+
+from vlprompt.orchestrator import spool
+from vlprompt.orchestrator.spool import client  # public here too: tracking.client(uri)
 
 PARENT_TAG = "mlflow.parentRunId"
+SPOOL_FOLDER = "tracking-spool"  # under the sweep's own folder, unless tracking.spool_dir says where
+_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
-@cache
-def client(uri: str) -> MlflowClient:
-    """One client per tracking URI and process, reused: creating one initialises its store
-    (for SQLite, an SQLAlchemy engine and a schema check), which costs more than most calls."""
-    return MlflowClient(tracking_uri=uri)
+def configure(cfg: Mapping[str, Any]) -> None:
+    """This process's retry deadline, request timeout and spool folder, from an experiment
+    config (an OmegaConf one or its plain dict: the sweep driver, a trial, a Train worker)."""
+    section = cfg.get("tracking") or {}
+    spool.configure(
+        retry_deadline_s=section.get("retry_deadline_s"),
+        request_timeout_s=section.get("request_timeout_s"),
+        spool_dir=spool_dir(cfg),
+    )
+
+
+def spool_dir(cfg: Mapping[str, Any]) -> Path | None:
+    """``tracking.spool_dir``, else ``<sweep.storage_path>/<sweep name>/tracking-spool`` when that
+    storage is a local folder (None otherwise: the spool's per-user default under the temp dir)."""
+    configured = (cfg.get("tracking") or {}).get("spool_dir")
+    if configured:
+        return Path(configured)
+    sweep = cfg.get("sweep") or {}
+    storage, name = sweep.get("storage_path"), sweep.get("name") or cfg.get("name")
+    if not storage or not name or "://" in str(storage):
+        return None
+    return Path(storage) / str(name) / SPOOL_FOLDER
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -43,10 +71,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     race: doing it here, before any trial starts, avoids that.
     """
     c = client(uri)
-    exp = c.get_experiment_by_name(name)
+    exp = spool.call(uri, f"get experiment {name!r}", lambda: c.get_experiment_by_name(name))
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    location = _artifact_location(uri, name)
+    return spool.call(
+        uri, f"create experiment {name!r}", lambda: c.create_experiment(name, artifact_location=location)
+    )
 
 
 def _artifact_location(uri: str, name: str) -> str | None:
@@ -71,15 +102,20 @@ def start_run(
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
-    run = client(uri).create_run(experiment_id, run_name=name, tags=all_tags)
+    c = client(uri)
+    run = spool.call(
+        uri, f"create run {name!r}", lambda: c.create_run(experiment_id, tags=all_tags, run_name=name)
+    )
     return run.info.run_id
 
 
 def finish_run(uri: str, run_id: str, error: BaseException | str | None = None) -> None:
-    """End a run FINISHED, or FAILED with the error message as a tag and ``error.txt``."""
-    c = client(uri)
+    """End a run FINISHED, or FAILED with the error message as a tag and ``error.txt``.
+
+    The status is written last (and spooled behind the rest when the server is down), so a
+    replayed run is never terminal without its error."""
     if error is None:
-        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        _terminate(uri, run_id, RunStatus.FINISHED)
         return
     if isinstance(error, BaseException):
         text = "".join(traceback.format_exception(error))
@@ -87,10 +123,16 @@ def finish_run(uri: str, run_id: str, error: BaseException | str | None = None) 
     else:
         text = message = error
     try:
-        c.set_tag(run_id, "error", message[:5000])
-        c.log_text(run_id, text, "error.txt")
+        set_tags(uri, run_id, {"error": message[:5000]})
+        log_artifact_files(uri, run_id, {"error.txt": text}, "")
     finally:
-        c.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        _terminate(uri, run_id, RunStatus.FAILED)
+
+
+def _terminate(uri: str, run_id: str, status: int) -> None:
+    end_time = int(time.time() * 1000)  # when it ended, not when a replay sent it
+    entry = {"op": "set_terminated", "status": RunStatus.to_string(status), "end_time": end_time}
+    spool.write(uri, {**entry, "run_id": run_id})
 
 
 def fail_unfinished_children(
@@ -114,7 +156,11 @@ def fail_unfinished_children(
 
 
 def children(uri: str, experiment_id: str, query: str) -> list[Any]:
-    """Every run matching ``query`` (all pages)."""
+    """Every run matching ``query`` (all pages), writes spooled for ``uri`` included (sent first)."""
+    return spool.read(uri, f"search runs {query!r}", lambda: _search(uri, experiment_id, query))
+
+
+def _search(uri: str, experiment_id: str, query: str) -> list[Any]:
     c, runs, token = client(uri), [], None
     while True:
         page = c.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
@@ -128,25 +174,23 @@ def sweep_children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any
     return children(uri, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
-def finished_digests(uri: str, experiment_id: str, parent_run_id: str) -> set[str]:
-    """The ``config_digest`` tags of a sweep's FINISHED child runs: configurations done already."""
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'"
-    tags = (r.data.tags for r in children(uri, experiment_id, query))
-    return {t["config_digest"] for t in tags if "config_digest" in t}
-
-
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
-    c = client(uri)
-    for key, value in tags.items():
-        c.set_tag(run_id, key, value)
+    _log_batch(uri, run_id, "tags", [[k, str(v)] for k, v in tags.items()])
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    """Log a flat mapping as params (values stringified, in batches of 100)."""
-    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-    c = client(uri)
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i : i + 100])
+    """Log a flat mapping as params (values stringified, in batches of 100).
+
+    Logging a param again with the same value is accepted by MLflow (params are immutable: a
+    different value is an INVALID_PARAMETER error, raised at once), so a replay may repeat it."""
+    _log_batch(uri, run_id, "params", [[k, _param_value(v)] for k, v in sorted(params.items())])
+
+
+def _log_batch(uri: str, run_id: str, kind: str, items: list[list[Any]]) -> None:
+    """``log_batch`` of one kind of item, in MLflow's batch limits, each batch sent or spooled."""
+    size = _BATCH[kind]
+    for i in range(0, len(items), size):
+        spool.write(uri, {"op": "log_batch", "run_id": run_id, kind: items[i : i + size]})
 
 
 def _param_value(value: Any) -> str:
@@ -155,14 +199,14 @@ def _param_value(value: Any) -> str:
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """One timestamp for the batch, taken now: a replayed metric keeps when it was logged."""
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-    if items:
-        client(uri).log_batch(run_id, metrics=items)
+    _log_batch(uri, run_id, "metrics", [[k, float(v), now, step or 0] for k, v in metrics.items()])
 
 
 def log_artifact_files(uri: str, run_id: str, files: Mapping[str, bytes | str], artifact_path: str) -> None:
-    """Write ``{file name: content}`` to a temp folder and log it under ``artifact_path``."""
+    """Write ``{file name: content}`` to a temp folder and log it under ``artifact_path``
+    (or copy it into the spool while the server is down)."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in files.items():
             target = Path(tmp) / name
@@ -170,7 +214,8 @@ def log_artifact_files(uri: str, run_id: str, files: Mapping[str, bytes | str], 
                 target.write_bytes(content)
             else:
                 target.write_text(content)
-        client(uri).log_artifacts(run_id, tmp, artifact_path)
+        entry = {"op": "log_artifacts", "run_id": run_id, "local_dir": tmp, "artifact_path": artifact_path}
+        spool.write(uri, entry)
 
 
 @cache
@@ -236,7 +281,7 @@ def open_child_run(
     run = earlier[-1]
     run_id, restarts = run.info.run_id, int(run.data.tags.get("restarts", "0")) + 1
     reopen_run(uri, run_id)
-    client(uri).set_tag(run_id, "restarts", str(restarts))
+    set_tags(uri, run_id, {"restarts": str(restarts)})
     log_metrics(uri, run_id, {"restarts": restarts})
     return run_id, restarts
 
@@ -245,25 +290,25 @@ def reopen_run(uri: str, run_id: str) -> dict[str, str]:
     """Set an ended run RUNNING again; returns its tags. What an earlier attempt left that would
     misdescribe the new one moves aside: ``error`` → ``previous_error``, ``stopped`` → ``previous_stop``."""
     c = client(uri)
-    tags = c.get_run(run_id).data.tags
-    c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    tags = spool.call(uri, f"get run {run_id}", lambda: c.get_run(run_id).data.tags)
+    running = RunStatus.to_string(RunStatus.RUNNING)
+    spool.call(uri, f"reopen run {run_id}", lambda: c.update_run(run_id, status=running))
     for key, moved in (("error", "previous_error"), ("stopped", "previous_stop")):
         if key in tags:
-            c.set_tag(run_id, moved, tags[key])
-            c.delete_tag(run_id, key)
+            set_tags(uri, run_id, {moved: tags[key]})
+            spool.call(uri, f"delete tag {key} of {run_id}", lambda key=key: c.delete_tag(run_id, key))
     return tags
 
 
 def logged_params(uri: str, run_id: str) -> set[str]:
     """The param keys a run holds already (MLflow params cannot be logged twice differently)."""
-    return set(client(uri).get_run(run_id).data.params)
+    return set(spool.call(uri, f"get run {run_id}", lambda: client(uri).get_run(run_id).data.params))
 
 
 def kill_run(uri: str, run_id: str, reason: str) -> None:
     """End a run KILLED (stopped from outside: a signal, an early-stopping scheduler), not FAILED."""
-    c = client(uri)
-    c.set_tag(run_id, "stopped", reason[:5000])
-    c.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    set_tags(uri, run_id, {"stopped": reason[:5000]})
+    _terminate(uri, run_id, RunStatus.KILLED)
 
 
 def kill_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
@@ -277,7 +322,8 @@ def kill_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, r
 
 def launch_number(uri: str, parent_run_id: str) -> int:
     """Which launch of the sweep this is (1, then +1 per ``--resume``): the parent's ``launch`` tag."""
-    return int(client(uri).get_run(parent_run_id).data.tags.get("launch", "1"))
+    tags = spool.call(uri, f"get run {parent_run_id}", lambda: client(uri).get_run(parent_run_id).data.tags)
+    return int(tags.get("launch", "1"))
 
 
 def digest_states(uri: str, experiment_id: str, parent_run_id: str, launch: int) -> dict[str, str]:

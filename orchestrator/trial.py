@@ -79,6 +79,7 @@ def run_trial(config: dict[str, Any]) -> None:
     import ray.tune
 
     trial_id = ray.tune.get_context().get_trial_id()
+    tracking.configure(config)  # retry deadline and spool folder (orchestrator/spool.py)
     uri, experiment_id, parent = config["_tracking_uri"], config["_experiment_id"], config["_parent_run_id"]
     launch = tracking.launch_number(uri, parent)
     specs = [_run_spec(cfg, trial_id) for cfg in bundle_configs(config)]
