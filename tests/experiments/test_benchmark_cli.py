@@ -159,3 +159,23 @@ def test_the_driver_refuses_without_importing_torch_or_ray(tmp_path):
     )
     assert done.returncode == 2, done.stderr
     assert "HEAVY []" in done.stdout and "trains nothing" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "resume", "overrides"),
+    [
+        (["--resume"], True, []),
+        (["--resume", "quickstart-3"], "quickstart-3", []),
+        (["--resume", "train.epochs=3", "seed=2"], True, ["train.epochs=3", "seed=2"]),  # not a name
+        (["seed=2"], False, ["seed=2"]),
+    ],
+)
+def test_resume_takes_an_optional_sweep_name_never_an_override(benchmark, argv, resume, overrides):
+    args = benchmark._arguments(argv)
+    assert args.resume == resume and args.overrides == overrides
+
+
+def test_resume_without_a_sweep_to_resume_is_one_error_before_ray(benchmark, workdir, capsys, no_ray):
+    assert benchmark.main(["--config", "quickstart", "--resume", f"sweep.storage_path={workdir}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "no sweep 'quickstart'" in err and "run without --resume" in err

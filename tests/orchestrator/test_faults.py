@@ -38,14 +38,16 @@ COMPARED = ("test_acc", "val_acc", "final_train_loss")
 class Driver:
     """``experiments/benchmark.py`` in its own process group, with a private Ray temp folder."""
 
-    def __init__(self, tmp_path: Path, ray_tmp: str, overrides: list[str], label: str, *flags: str) -> None:
+    def __init__(
+        self, tmp_path: Path, ray_tmp: str, overrides: list[str], label: str, *flags: str, config: str = UNIT
+    ) -> None:
         self.log = tmp_path / f"{label}.log"
         self.ray_tmp = ray_tmp
         args = [
             sys.executable,
             str(REPO / "experiments" / "benchmark.py"),
             "--config",
-            UNIT,
+            config,
             *flags,
             *overrides,
         ]
@@ -245,8 +247,15 @@ def test_a_stopped_then_killed_driver_resumes_to_a_complete_sweep(tmp_path, ray_
     more = f"seed {inflight}: epoch {resumed_epoch + 2}/20"
     second.wait_for(lambda t: more in t, 120, "two more epochs")
     second.kill()
-    orphans = ray_processes(ray_tmp)
-    print(f"\n[faults] driver SIGKILLed: {len(orphans)} Ray processes outlived it")
+    killed_at, orphans = time.time(), len(ray_processes(ray_tmp))
+    while ray_processes(ray_tmp) and time.time() - killed_at < 90:
+        time.sleep(0.5)
+    left = ray_processes(ray_tmp)
+    print(
+        f"\n[faults] driver SIGKILLed: {orphans} Ray processes outlived it, {len(left)} still alive after "
+        f"{time.time() - killed_at:.1f} s"
+    )
+    assert not left, "a killed driver's Ray processes must end by themselves (Ray's fate sharing)"
     assert client.get_run(parent).info.status == "RUNNING"  # nobody could close it: the next launch does
 
     # 3. resumed again: the sweep completes, each configuration once
@@ -266,3 +275,39 @@ def test_a_stopped_then_killed_driver_resumes_to_a_complete_sweep(tmp_path, ray_
     assert {k: children[inflight].data.metrics[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
     got = _learned(client, children[inflight].info.run_id, tmp_path)
     assert all(torch.equal(got[k], learned[k]) for k in learned)
+
+
+def test_asha_stops_a_hopeless_trial_early_and_the_rest_finish(tmp_path, ray_tmp):
+    """Per-epoch val_acc reaches Tune; ASHA stops the trial that cannot learn (lr 1e-9 from a
+    random prompt) at its first rung; the one that learns runs all its epochs. Stopped is not
+    failed: the sweep exits 0, the stopped configuration's run is KILLED with the reason."""
+    epochs = 6
+    overrides = [
+        f"data.root={tmp_path / 'data'}",
+        f"data.feature_cache={tmp_path / 'features'}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"sweep.storage_path={tmp_path / 'ray_results'}",
+        "data.shots=4",
+        "method.ctx_init=''",  # a random prompt
+        f"train.epochs={epochs}",
+        "train.warmup_epochs=0",
+        "sweep.space={train.lr: {choice: [0.02, 1e-9]}}",
+        "sweep.scheduler=asha",
+        "sweep.metric=val_acc",
+        "sweep.grace_period=2",
+        "resources.max_concurrent_trials=1",  # the learner sets the rung's bar first
+    ]
+    driver = Driver(tmp_path, ray_tmp, overrides, "asha", config="quickstart")
+    assert driver.finish() == 0, driver.text()[-4000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {float(c.data.params["train.lr"]): c for c in _children(client, _parent_id(driver.text()))}
+    learner, hopeless = runs[0.02], runs[1e-9]
+    # the epochs validated (steps 0..epochs-1; the final val_acc is logged at step `epochs`)
+    steps = {
+        lr: {m.step for m in client.get_metric_history(r.info.run_id, "val_acc") if m.step < epochs}
+        for lr, r in runs.items()
+    }
+    assert learner.info.status == "FINISHED" and steps[0.02] == set(range(epochs))
+    assert hopeless.info.status == "KILLED" and "stopped early" in hopeless.data.tags["stopped"]
+    assert 2 <= len(steps[1e-9]) < epochs and "test_acc" not in hopeless.data.metrics
+    assert "STOPPED:" in driver.text()
