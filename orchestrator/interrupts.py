@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 @dataclass
@@ -53,9 +54,14 @@ def graceful_stop() -> Iterator[Interrupt]:
         os.kill(os.getpid(), signal.SIGUSR1)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune must not take SIGINT back from us
+    env = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"  # Tune must not take SIGINT back from us
     try:
         yield interrupt
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if env is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = env

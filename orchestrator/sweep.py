@@ -312,10 +312,12 @@ def _scheduler(cfg: DictConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
     s = cfg.sweep
+    # max_t one past the last epoch: ASHA stops a trial whose report reaches max_t, and the last
+    # epoch's report comes before the configuration's final evaluation, which must still run
     if s.scheduler == "asha":
         return ASHAScheduler(
             time_attr="epoch",
-            max_t=cfg.train.epochs,
+            max_t=cfg.train.epochs + 1,
             grace_period=s.grace_period,
             reduction_factor=s.reduction_factor,
         )

@@ -1,8 +1,10 @@
 """Faults injected into real sweeps (Ray Train + Tune + MLflow, the front door in a subprocess).
 
-* A Train worker SIGKILLed mid-run: Ray Train restarts the worker group, the run resumes from
-  its last checkpoint under the same MLflow child run (``restarts`` = 1) and ends with the
-  numbers and learned state of an unbroken run.
+* A Train worker, then the Train controller, then the Tune trial actor SIGKILLed mid-run: Ray
+  Train restarts the worker group / Tune retries the trial, the run resumes from its last
+  checkpoint under the same MLflow child run (``restarts`` = 3) and ends with the numbers and
+  learned state of an unbroken run.
+* ASHA stops a hopeless trial early; the rest finish.
 * A driver stopped by SIGINT, then SIGKILLed while resuming, then resumed again: the in-flight
   configuration continues from its checkpoints under its one child run, nothing finished is
   repeated, states are KILLED (not FAILED/RUNNING) after the signal, nothing is RUNNING at the
@@ -102,12 +104,13 @@ def ray_processes(ray_tmp: str) -> list[int]:
     return found
 
 
-def train_worker_pid(ray_tmp: str) -> int:
+def ray_actor_pid(ray_tmp: str, title: str) -> int:
+    """The pid of the (one) Ray process titled ``ray::<title>...`` of this Ray."""
     for pid in ray_processes(ray_tmp):
         with contextlib.suppress(OSError):
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"ray::{title}".encode()):
                 return pid
-    raise AssertionError("no Ray Train worker process found")
+    raise AssertionError(f"no ray::{title} process found")
 
 
 def kill_all(pids: list[int]) -> None:
@@ -132,6 +135,7 @@ def _overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:
         f"sweep.name={name}",
         "train.checkpoint_every=1",
         "train.checkpoint_min_interval_s=0",
+        "data.pipeline=false",  # each trial encodes its few images itself: no Ray Data start-up per launch
         *extra,
     ]
 
@@ -162,21 +166,34 @@ def _epoch_line(n: int) -> Callable[[str], bool]:
     return lambda text: re.search(rf"epoch {n}/\d+ loss", text) is not None
 
 
-def test_a_killed_train_worker_resumes_from_its_checkpoint_with_the_same_numbers(tmp_path, ray_tmp):
-    overrides = _overrides(tmp_path, "worker-kill", "train.epochs=30")
+#: The processes of a trial, each SIGKILLed in turn: the Train worker (Ray Train restarts the
+#: worker group), the Train controller and the Tune trial actor (Tune retries the trial; its new
+#: Train run restores the old one's checkpoints by name).
+VICTIMS = ("RayTrainWorker", "TrainController", "ImplicitFunc")
+
+
+def test_killed_trial_processes_resume_from_their_checkpoint_with_the_same_numbers(tmp_path, ray_tmp):
+    overrides = _overrides(tmp_path, "worker-kill", "train.epochs=30", "resources.max_failures=2")
     driver = Driver(tmp_path, ray_tmp, overrides, "driver")
-    driver.wait_for(_epoch_line(4), 240, "epoch 4")
-    victim = train_worker_pid(ray_tmp)
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.time()
-    resumed_at = driver.wait_for(lambda t: "resumed after epoch" in t, 120, "the resumed run")
+    epoch, since, recoveries = 4, 0, []
+    for n, title in enumerate(VICTIMS, start=1):  # each kill lands two epochs after the last resume
+        driver.wait_for(lambda t, e=epoch, i=since: f"epoch {e}/30 loss" in t[i:], 240, f"epoch {epoch}")
+        os.kill(ray_actor_pid(ray_tmp, title), signal.SIGKILL)
+        killed_at = time.time()
+        resumed = driver.wait_for(lambda t, n=n: t.count("resumed after epoch") >= n, 180, f"resume {n}")
+        recoveries.append(resumed - killed_at)
+        since = len(driver.text())
+        epoch = int(re.findall(r"resumed after epoch (\d+)", driver.text())[-1]) + 2
     assert driver.finish() == 0, driver.text()[-4000:]
-    print(f"\n[faults] worker {victim} SIGKILLed; run resumed {resumed_at - killed_at:.1f} s later")
+    print(
+        "\n[faults] "
+        + ", ".join(f"{t} killed: resumed {s:.1f} s later" for t, s in zip(VICTIMS, recoveries, strict=True))
+    )
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (child,) = _children(client, _parent_id(driver.text()))  # one child run, not a second one
-    assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "1"
-    assert child.data.metrics["restarts"] == 1
+    assert child.info.status == "FINISHED" and child.data.tags["restarts"] == "3"
+    assert child.data.metrics["restarts"] == 3 and "previous_error" in child.data.tags
     history = client.get_metric_history(child.info.run_id, "train_loss")
     assert {m.step for m in history} == set(range(30))
 
@@ -296,6 +313,7 @@ def test_asha_stops_a_hopeless_trial_early_and_the_rest_finish(tmp_path, ray_tmp
         "sweep.metric=val_acc",
         "sweep.grace_period=2",
         "resources.max_concurrent_trials=1",  # the learner sets the rung's bar first
+        "data.pipeline=false",
     ]
     driver = Driver(tmp_path, ray_tmp, overrides, "asha", config="quickstart")
     assert driver.finish() == 0, driver.text()[-4000:]

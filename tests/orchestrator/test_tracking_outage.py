@@ -137,6 +137,7 @@ def _sweep(tmp_path: Path, uri: str, ray_tmp: str, epochs: int) -> subprocess.Po
         f"train.epochs={epochs}",
         "sweep.space={seed: {choice: [1, 2]}}",
         "sweep.bundle_size=2",
+        "data.pipeline=false",  # the trial encodes its few images itself: no Ray Data start-up
         "sweep.name=outage",
         f"tracking.uri={uri}",
         "tracking.experiment=outage",
