@@ -29,6 +29,11 @@ Sections (issue 9's benchmark):
   images (a zero-shot run's test and val splits, random-init ``--epoch-model``), each into an
   empty cache.
 
+* ``checkpoints`` -- what fault tolerance costs in a trial: one quickstart configuration as a
+  one-trial sweep without checkpoints, with a checkpoint after every epoch
+  (``train.checkpoint_min_interval_s=0``), and with the default; per checkpoint (Ray Train's
+  ``report`` persisting the folder into the sweep's storage), and that the accuracies agree.
+
 Machines here are shared and noisy: compare the ratios, not the absolute seconds, across runs.
 """
 
@@ -250,12 +255,42 @@ def encoder(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def checkpoints(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """What fault tolerance costs: one quickstart configuration (``--checkpoint-epochs`` epochs)
+    as a one-trial sweep without checkpoints, with one after every epoch, and with the default
+    (every epoch, at most one per ``train.checkpoint_min_interval_s``), on one local Ray."""
+    from vlprompt.orchestrator.sweep import connect_ray, run_sweep
+
+    base = [
+        f"data.root={work / 'data'}",
+        f"train.epochs={args.checkpoint_epochs}",
+        "sweep.space={}",
+        f"tracking.uri=sqlite:///{work}/mlflow.db",
+        f"sweep.storage_path={work / 'ray_results'}",
+    ]
+    variants = {
+        "none": ["train.checkpoint_every=0"],
+        "every_epoch": ["train.checkpoint_every=1", "train.checkpoint_min_interval_s=0"],
+        "default": [],
+    }
+    connect_ray()
+    out: dict[str, Any] = {}
+    for label, extra in variants.items():
+        (row,) = run_sweep(load_config("quickstart", [*base, *extra, f"sweep.name=ckpt-{label}"])).rows
+        out[label] = {"time_train_s": row["time_train_s"], "test_acc": row["test_acc"]}
+    none, every = out["none"]["time_train_s"], out["every_epoch"]["time_train_s"]
+    out["seconds_per_checkpoint"] = (every - none) / args.checkpoint_epochs
+    out["identical_accuracies"] = len({v["test_acc"] for v in out.values() if isinstance(v, dict)}) == 1
+    return out
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "overhead": overhead,
     "epochs": epochs,
     "views": views,
     "encodes": encodes,
     "encoder": encoder,
+    "checkpoints": checkpoints,
 }
 
 
@@ -268,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--views-epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--checkpoint-epochs", type=int, default=30)
     parser.add_argument("--k", type=int, default=4, help="cycled views per image in the views section")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")

@@ -34,6 +34,7 @@ from vlprompt.orchestrator.data import generated_datasets
 from vlprompt.orchestrator.interrupts import Interrupt, graceful_stop
 from vlprompt.orchestrator.pipeline import PipelineReport, fill_feature_cache, planned_trials
 from vlprompt.orchestrator.preflight import preflight
+from vlprompt.orchestrator.ray_env import SETUP_HOOK
 from vlprompt.orchestrator.resources import TRIAL_CPU, ResourcePlan, plan_resources
 from vlprompt.orchestrator.search_space import DefineByRun, grid_points
 from vlprompt.orchestrator.sweep_record import SweepRecord
@@ -82,7 +83,8 @@ def connect_ray(cfg: DictConfig | None = None, address: str | None = None) -> No
         ray.init(address=address, log_to_driver=True)
     else:
         dashboard = bool(cfg.resources.local_dashboard) if cfg is not None else False
-        ray.init(log_to_driver=True, include_dashboard=dashboard)
+        hook = {"worker_process_setup_hook": SETUP_HOOK}  # its processes know which Ray is theirs
+        ray.init(log_to_driver=True, include_dashboard=dashboard, runtime_env=hook)
 
 
 def choose_sweep(cfg: DictConfig, storage: Path, resume: bool | str) -> SweepRecord | None:

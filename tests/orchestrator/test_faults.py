@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def ray_tmp():
     path = tempfile.mkdtemp(prefix="vlpf", dir="/tmp")  # short: Ray's socket paths must fit
     yield path
     kill_all(ray_processes(path))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:
