@@ -155,53 +155,54 @@ class RayHead:
     temp_dir: Path
 
 
+#: Every port of a Ray head's components (``ray start`` flags): a test head owns them all.
+HEAD_PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
+
+
+def head_ports() -> tuple[dict[str, int], int]:
+    """A free port for every head component, none inside the head's worker-port band.
+
+    Worker ports come from a band below the kernel's ephemeral range, so no port that
+    free_port() hands out (always ephemeral) can land inside it; Ray refuses to start
+    when two of its components share a port.
+    """
+    worker_lo = _worker_port_band()
+    ports: dict[str, int] = {}
+    for name in HEAD_PORT_FLAGS:
+        port = free_port()
+        while port in ports.values() or worker_lo <= port <= worker_lo + 99:
+            port = free_port()
+        ports[name] = port
+    return ports, worker_lo
+
+
+def head_command(temp_dir: Path, ports: dict[str, int], worker_lo: int, *extra: str) -> list[str]:
+    """``ray start --head`` on loopback with 2 CPUs, no GPU, these ports and ``extra`` flags."""
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0", *extra]
+    cmd += ["--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    cmd += ["--min-worker-port", str(worker_lo), "--max-worker-port", str(worker_lo + 99)]
+    return cmd + [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory) -> Iterator[RayHead]:
     """A real ``ray start --head`` on loopback with token auth on, every port our own."""
     temp_dir = Path(f"/tmp/vlp-ray-{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
     temp_dir.mkdir(exist_ok=True)
     log = tmp_path_factory.mktemp("ray") / "head.log"
-    # Worker ports come from a band below the kernel's ephemeral range, so no port that
-    # free_port() hands out (always ephemeral) can land inside it; Ray refuses to start
-    # when two of its components share a port.
-    worker_lo = _worker_port_band()
-    ports: dict[str, int] = {}
-    for name in (
-        "port",
-        "dashboard-port",
-        "ray-client-server-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "node-manager-port",
-        "object-manager-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-    ):
-        port = free_port()
-        while port in ports.values() or worker_lo <= port <= worker_lo + 99:
-            port = free_port()
-        ports[name] = port
+    ports, worker_lo = head_ports()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "0",
-        "--dashboard-host",
-        "127.0.0.1",
-        "--temp-dir",
-        str(temp_dir),
-        "--disable-usage-stats",
-        "--min-worker-port",
-        str(worker_lo),
-        "--max-worker-port",
-        str(worker_lo + 99),
-    ]
-    cmd += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    cmd = head_command(temp_dir, ports, worker_lo)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import _worker_port_band, free_port, stop_group, wait_for
+from tests.conftest import head_command, head_ports, stop_group, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 #: The fake provider's fixed id for the head; its workers are ...00001, ...00002, ...
 HEAD_ID = "f" * 51 + "00000"
-PORT_FLAGS = (
-    "port",
-    "dashboard-port",
-    "ray-client-server-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "node-manager-port",
-    "object-manager-port",
-    "metrics-export-port",
-    "runtime-env-agent-port",
-)
 
 
 @dataclass
@@ -73,18 +62,6 @@ class FakeCluster:
         return sorted(n["node_id"] for n in self.state("nodes") if n["state"] == "ALIVE")
 
 
-def _private_ports() -> tuple[dict[str, int], int]:
-    """A port for every head component, none inside the head's worker-port band."""
-    worker_lo = _worker_port_band()
-    ports: dict[str, int] = {}
-    for name in PORT_FLAGS:
-        port = free_port()
-        while port in ports.values() or worker_lo <= port <= worker_lo + 99:
-            port = free_port()
-        ports[name] = port
-    return ports, worker_lo
-
-
 def _autoscaling_config(path: Path, gcs: str) -> Path:
     """The committed config with this head's GCS address (the provider defaults to port 6379)."""
     config = yaml.safe_load((REPO / "cluster" / "local-autoscale.yaml").read_text())
@@ -97,7 +74,7 @@ def _autoscaling_config(path: Path, gcs: str) -> Path:
 def fake_cluster(tmp_path) -> Iterator[FakeCluster]:
     """The autoscaling head, alone; stopped with everything it started by its process group."""
     temp_dir = Path(tempfile.mkdtemp(prefix="vlp-as-", dir="/tmp"))  # short: socket paths < 108 chars
-    ports, worker_lo = _private_ports()
+    ports, worker_lo = head_ports()
     gcs = f"127.0.0.1:{ports['port']}"
     token = secrets.token_hex(32)  # this cluster's own token, never the shared ~/.ray/auth_token
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
@@ -111,28 +88,8 @@ def fake_cluster(tmp_path) -> Iterator[FakeCluster]:
         "RAY_CLOUD_INSTANCE_ID": HEAD_ID,  # v2 matches the head to the provider's node by these
         "RAY_OVERRIDE_NODE_ID_FOR_TESTING": HEAD_ID,
     }
-    cmd = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus",
-        "2",
-        "--num-gpus",
-        "0",
-        "--autoscaling-config",
-        str(_autoscaling_config(tmp_path / "autoscale.yaml", gcs)),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--temp-dir",
-        str(temp_dir),
-        "--disable-usage-stats",
-        "--min-worker-port",
-        str(worker_lo),
-        "--max-worker-port",
-        str(worker_lo + 99),
-    ]
-    cmd += [arg for name, port in ports.items() for arg in (f"--{name}", str(port))]
+    autoscaling = str(_autoscaling_config(tmp_path / "autoscale.yaml", gcs))
+    cmd = head_command(temp_dir, ports, worker_lo, "--autoscaling-config", autoscaling)
     log = tmp_path / "head.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
