@@ -45,7 +45,6 @@ class SweepRecord:
     parent_run_id: str
     state: str = "running"
     created: float = 0.0
-    ray_session: str | None = None  # the session folder of the Ray this sweep's driver started
 
 
 def record_path(storage: Path, name: str) -> Path:
