@@ -189,9 +189,11 @@ def _close_stopped_trials(outcome: SweepOutcome, grid: Any) -> None:
     scheduler (``sweep.scheduler``). They end KILLED with the reason, not FAILED."""
     stopped = {r.metrics.get("trial_id") for r in grid if r.error is None and r.metrics}
     uri = outcome.tracking_uri
-    query = f"tags.`{tracking.PARENT_TAG}` = '{outcome.parent_run_id}' and attributes.status = 'RUNNING'"
-    for child in tracking.children(uri, outcome.experiment_id, query):
-        if child.data.tags.get("trial_id") in stopped:
+    for child in tracking.sweep_children(uri, outcome.experiment_id, outcome.parent_run_id):
+        tags, status = child.data.tags, child.info.status
+        # RUNNING, or FAILED by the death of its Train run (not by its own error: failed_launch)
+        cut_short = status == "RUNNING" or (status == "FAILED" and "failed_launch" not in tags)
+        if tags.get("trial_id") in stopped and cut_short:
             tracking.kill_run(uri, child.info.run_id, "stopped early by the sweep's scheduler")
 
 

@@ -293,11 +293,16 @@ def reopen_run(uri: str, run_id: str) -> dict[str, str]:
     tags = spool.call(uri, f"get run {run_id}", lambda: c.get_run(run_id).data.tags)
     running = RunStatus.to_string(RunStatus.RUNNING)
     spool.call(uri, f"reopen run {run_id}", lambda: c.update_run(run_id, status=running))
-    for key, moved in (("error", "previous_error"), ("stopped", "previous_stop")):
-        if key in tags:
-            set_tags(uri, run_id, {moved: tags[key]})
-            spool.call(uri, f"delete tag {key} of {run_id}", lambda key=key: c.delete_tag(run_id, key))
+    _move_tag(uri, run_id, tags, "error", "previous_error")
+    _move_tag(uri, run_id, tags, "stopped", "previous_stop")
     return tags
+
+
+def _move_tag(uri: str, run_id: str, tags: Mapping[str, str], key: str, moved: str) -> None:
+    """Keep an earlier attempt's ``key`` tag as ``moved``, so it no longer describes the run."""
+    if key in tags:
+        set_tags(uri, run_id, {moved: tags[key]})
+        spool.call(uri, f"delete tag {key} of {run_id}", lambda: client(uri).delete_tag(run_id, key))
 
 
 def logged_params(uri: str, run_id: str) -> set[str]:
@@ -307,6 +312,8 @@ def logged_params(uri: str, run_id: str) -> set[str]:
 
 def kill_run(uri: str, run_id: str, reason: str) -> None:
     """End a run KILLED (stopped from outside: a signal, an early-stopping scheduler), not FAILED."""
+    tags = spool.call(uri, f"get run {run_id}", lambda: client(uri).get_run(run_id).data.tags)
+    _move_tag(uri, run_id, tags, "error", "previous_error")  # what its dying processes said
     set_tags(uri, run_id, {"stopped": reason[:5000]})
     _terminate(uri, run_id, RunStatus.KILLED)
 

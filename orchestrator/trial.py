@@ -92,7 +92,8 @@ def run_trial(config: dict[str, Any]) -> None:
             if result.error is not None:
                 raise result.error
         except BaseException as err:
-            tracking.fail_unfinished_children(uri, experiment_id, parent, err, trial_id=trial_id)
+            if not stopped_by_tune(err):  # a stopped trial's runs are the driver's to close (KILLED)
+                tracking.fail_unfinished_children(uri, experiment_id, parent, err, trial_id=trial_id)
             raise
         state = tracking.digest_states(uri, experiment_id, parent, launch)
     failed = [spec["name"] for spec in specs if state.get(spec["digest"]) == "failed"]
@@ -100,6 +101,15 @@ def run_trial(config: dict[str, Any]) -> None:
         raise ConfigurationsFailed(
             f"{len(failed)} of {len(specs)} configurations of trial {trial_id} failed: {', '.join(failed)}"
         )
+
+
+def stopped_by_tune(err: BaseException) -> bool:
+    """Whether the Train run ended because Tune stopped this trial (a scheduler, a signal): Ray
+    then ends the Train controller on purpose (``INTENDED_*`` exit); a killed one is a
+    ``SYSTEM_ERROR``."""
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(err, ActorDiedError) and "Worker exit type: INTENDED" in str(err)
 
 
 def _trainer(config: dict[str, Any], runs: list[dict[str, Any]], trial_id: str, launch: int) -> Any:

@@ -329,5 +329,6 @@ def test_asha_stops_a_hopeless_trial_early_and_the_rest_finish(tmp_path, ray_tmp
     }
     assert learner.info.status == "FINISHED" and steps[0.02] == set(range(epochs))
     assert hopeless.info.status == "KILLED" and "stopped early" in hopeless.data.tags["stopped"]
+    assert "error" not in hopeless.data.tags  # stopped, not failed (nor marked so by its dying trial)
     assert 2 <= len(steps[1e-9]) < epochs and "test_acc" not in hopeless.data.metrics
     assert "STOPPED:" in driver.text()
