@@ -146,13 +146,20 @@ def fail_unfinished_children(
 
     ``trial_id``: only that trial's children (a trial cleaning up after its own Train run).
     """
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    if trial_id is not None:
-        query += f" and tags.trial_id = '{trial_id}'"
-    runs = children(uri, experiment_id, query)
+    runs = running_children(uri, experiment_id, parent_run_id, trial_id)
     for run in runs:
         finish_run(uri, run.info.run_id, reason)
     return len(runs)
+
+
+def running_children(
+    uri: str, experiment_id: str, parent_run_id: str, trial_id: str | None = None
+) -> list[Any]:
+    """The sweep's child runs still RUNNING (``trial_id``: only that trial's)."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    if trial_id is not None:
+        query += f" and tags.trial_id = '{trial_id}'"
+    return children(uri, experiment_id, query)
 
 
 def children(uri: str, experiment_id: str, query: str) -> list[Any]:
@@ -320,8 +327,7 @@ def kill_run(uri: str, run_id: str, reason: str) -> None:
 
 def kill_unfinished_children(uri: str, experiment_id: str, parent_run_id: str, reason: str) -> int:
     """Every child of the sweep that did not finish and is still RUNNING ends KILLED."""
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    runs = children(uri, experiment_id, query)
+    runs = running_children(uri, experiment_id, parent_run_id)
     for run in runs:
         kill_run(uri, run.info.run_id, reason)
     return len(runs)
