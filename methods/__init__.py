@@ -49,6 +49,9 @@ class Capabilities:
     prompt_tokens: Callable[[Any], opt.PromptTokens | None] | None = None
     """Given the options, where the method's prompt vectors sit when its parameters are exactly
     per-layer prompt tokens (``param_match`` places one bias per prompt vector there)."""
+    unlabelled: bool = False
+    """Learns without labels (``training_loss`` ignores ``Batch.labels``): may run under a
+    transductive protocol, which trains on unlabelled images of every class."""
     token_space_keys: tuple[str, ...] = ()
     """Keys of ``learned_state()`` whose rows live in the token-embedding space, decoded to their
     nearest words in the run's record."""
@@ -131,7 +134,7 @@ METHODS: dict[str, MethodSpec] = {
     "promptkd": MethodSpec(
         opt.PromptKDConfig,
         "promptkd",
-        Capabilities(frozen_image_tower=False),  # a student without a text encoder of its own
+        Capabilities(frozen_image_tower=False, unlabelled=True),  # a student without a text encoder
         "PromptKD: visual prompts distilled from a frozen teacher",
     ),
     "tpt": MethodSpec(

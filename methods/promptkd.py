@@ -38,8 +38,10 @@ Deliberate changes:
   teacher is frozen). Teacher logits come from the teacher method's own ``predict``.
 * fp32 prompts, projector and logits (the reference halves the projector into its fp16 CLIP).
 * the transductive, unlabelled data protocol (the whole train split of *all* classes, base and
-  novel, labels ignored: the reference's ``DATASET.NUM_SHOTS 0``) is the data pipeline's job:
-  ``data.shots=0``. The loop still passes labels today; this method ignores them.
+  novel, labels withheld: the reference's ``DATASET.NUM_SHOTS 0``) is the orchestrator's
+  ``data.protocol=transductive_base_to_novel``; this method declares ``unlabelled`` to run under it.
+  Base and novel are scored over their own classes' test splits; ``val_acc`` uses the base classes'
+  val split, never the test split the reference's ``best_val`` selects on.
 * a prompt depth beyond the student's blocks means every block (as :mod:`~vlprompt.methods.ivlp`).
 """
 

@@ -150,6 +150,12 @@ def _check_protocol(cfg: DictConfig, method: str) -> None:
             f"be scored with untrained; use a method that learns nothing before evaluation "
             f"(it may adapt to each test image): {', '.join(learnless)}"
         )
+    if protocol.transductive and not caps.unlabelled:
+        allowed = sorted(m for m, spec in METHODS.items() if spec.capabilities.unlabelled)
+        raise ConfigError(
+            f"data.protocol={name} trains on unlabelled images, and method.name={method} needs labels; "
+            f"methods that learn without labels: {', '.join(allowed)}"
+        )
     if protocol.trains and caps.test_time_views:
         untrained = [p for p, spec in PROTOCOLS.items() if not spec.trains]
         raise ConfigError(

@@ -105,11 +105,27 @@ def prepare_data(cfg: DictConfig) -> RunData:
         tasks = {key: splits for key, (splits, _) in sources.items()}
     fingerprint = _fingerprint(tasks)
     novel = None
+    if protocol.base_to_novel and protocol.transductive:
+        ((key, splits),) = tasks.items()
+        eval_sets = _transductive_sets(key, splits, protocol.evaluate_val)
+        return RunData(tasks, eval_sets, fingerprint, tuple(skipped), generated)
     if protocol.base_to_novel:
         ((key, fewshot),) = tasks.items()
         tasks, novel = {key: vds.subsample_classes(fewshot, "base")}, vds.subsample_classes(fewshot, "new")
     eval_sets = _eval_sets(tasks, protocol.evaluate_val, novel, targets)
     return RunData(tasks, eval_sets, fingerprint, tuple(skipped), generated)
+
+
+def _transductive_sets(task: str, splits: vds.DatasetSplits, with_val: bool) -> tuple[EvalSet, ...]:
+    """Transductive base-to-novel (PromptKD): the method trains on every class, so each set brings
+    its own classes -- base test (and val) over the base half, novel test over the novel half --
+    and is scored by the learned state moved into a method built for those classes."""
+    base, novel = vds.subsample_classes(splits, "base"), vds.subsample_classes(splits, "new")
+    sets = [EvalSet(f"test/{task}", "test", task, base.test, base)]
+    if with_val:
+        sets.append(EvalSet(f"val/{task}", "val", task, base.val, base))
+    sets.append(EvalSet("novel", "novel", task, novel.test, novel))
+    return tuple(sets)
 
 
 def _eval_sets(

@@ -47,6 +47,9 @@ from vlprompt.orchestrator.training import fit_features, train_epochs
 from vlprompt.orchestrator.views import fits_full_batch, train_views
 from vlprompt.orchestrator.worker import WorkerContext, broadcast_parameters, seed_everything
 
+#: What an evaluation set that brings its own classes is called in errors, by its role.
+ROLE_CLASSES = {"novel": "the novel classes", "test": "the base classes", "val": "the base classes"}
+
 
 class Session:
     """What runs the loop, and hears from it: here nothing (tests, benchmarks, notebooks); on a
@@ -352,6 +355,7 @@ def optimise(
         on_epoch=on_epoch,
         on_epoch_end=on_epoch_end,
         resume=session.resume,
+        withhold_labels=setup.protocol.transductive,
     )
 
 
@@ -383,7 +387,7 @@ def evaluate_all(
             continue
         model = setup.method
         if es.classes is not None:
-            what = "the novel classes" if es.role == "novel" else f"dataset {es.name!r}"
+            what = ROLE_CLASSES.get(es.role, f"dataset {es.name!r}")
             model = transferred(setup.method, setup.build, es.task, es.classes, what, setup.method_name)
         if setup.per_sample:
             scores[es.key] = evaluate_test_time(

@@ -42,6 +42,10 @@ class Protocol:
     own classes), ``"optional"``, or ``"none"``."""
     evaluate_val: bool = True
     """Also score the val split of every task (``val_acc``)."""
+    transductive: bool = False
+    """Train on the *unlabelled* training images of every class (with ``base_to_novel``: base and
+    novel alike), labels withheld from the method; the test and val sets are scored over their own
+    classes. Only methods that learn without labels (capability ``unlabelled``) run under it."""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -69,6 +73,15 @@ PROTOCOLS: dict[str, Protocol] = {
     "base_to_novel": Protocol(
         "K shots of the first half of the classes; base_acc, novel_acc and their harmonic mean hm",
         base_to_novel=True,
+    ),
+    "transductive_base_to_novel": Protocol(
+        "PromptKD's protocol: distil on the unlabelled train split of every class (base and novel, "
+        "labels withheld); base_acc on the base classes' test split, novel_acc on the novel classes', "
+        "hm; val_acc on the base classes' val split (never the test split: PromptKD's best_val "
+        "selects on base test)",
+        fewshot=False,
+        base_to_novel=True,
+        transductive=True,
     ),
     "cross_dataset": TRANSFER,
     "domain_generalisation": TRANSFER,

@@ -46,8 +46,12 @@ def train_epoch(
     seed: int,
     epoch: int,
     ctx: WorkerContext,
+    withhold_labels: bool = False,
 ) -> dict[str, float]:
     """One epoch of SGD steps; a step's loss is the sum over its tasks' sub-batches.
+
+    ``withhold_labels``: the method gets ``Batch.labels = None`` (a transductive protocol trains
+    on unlabelled images).
 
     Each sub-batch's mean loss is weighted by its share of the *global* batch, so a step
     minimises (sum of every sample's loss) / batch size whatever the split into tasks and
@@ -65,6 +69,8 @@ def train_epoch(
         total: Tensor | float = 0.0
         for batch in parts:
             batch = batch.to(ctx.device)
+            if withhold_labels:
+                batch.labels = None
             loss = method.training_loss(batch)
             total = total + loss * (len(batch) / global_size)
             loss_sum += float(loss.detach()) * len(batch)
@@ -93,8 +99,11 @@ def train_epochs(
     on_epoch: EpochLog,
     on_epoch_end: EpochEnd | None = None,
     resume: TrainState | None = None,
+    withhold_labels: bool = False,
 ) -> dict[str, float]:
     """The SGD epochs; returns the last epoch's mean loss as ``final_train_loss``.
+
+    ``withhold_labels``: see :func:`train_epoch`.
 
     ``resume``: a checkpoint of this run after ``resume.epoch`` epochs (``orchestrator/
     checkpoints.py``): parameters, optimiser and RNG streams are put back and the remaining
@@ -113,7 +122,16 @@ def train_epochs(
         for group in optimizer.param_groups:
             group["lr"] = rate
         method.train()
-        stats = train_epoch(method, source, optimizer, batch_size=batch_size, seed=seed, epoch=epoch, ctx=ctx)
+        stats = train_epoch(
+            method,
+            source,
+            optimizer,
+            batch_size=batch_size,
+            seed=seed,
+            epoch=epoch,
+            ctx=ctx,
+            withhold_labels=withhold_labels,
+        )
         stats["lr"] = rate
         on_epoch(epoch, stats)
         if on_epoch_end is not None:

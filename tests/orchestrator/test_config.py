@@ -137,7 +137,7 @@ def test_protocol_choices_and_metrics_come_from_the_protocol_registry():
             targets = (
                 "data.eval_targets=[sw_objects]" if protocol.targets != "none" else "data.eval_targets=[]"
             )
-            method = "method.name=zeroshot"
+            method = "method.name=promptkd" if protocol.transductive else "method.name=zeroshot"
             dataset = "data.dataset=sw_all" if protocol.task_source else "data.dataset=sw_shades"
             load_config(
                 "quickstart",
