@@ -151,6 +151,8 @@ class TestTimeViews:
 
     n_views: int
     augmix: bool
+    images_per_step: int = 1
+    """Test images handed to one ``predict`` call (adapted together, ``methods/test_time.py``)."""
 
 
 @dataclass(frozen=True)
@@ -530,6 +532,11 @@ class TPTConfig:
     augmix: bool = False
     """AugMix the views (the reference does for the fine-grained cross-dataset sets, not for the
     ImageNet variants)."""
+    images_per_step: int = option(1, at_least=1)
+    """Test images adapted at once, each from the same reset context (``methods/test_time.py``):
+    the same numbers as one at a time (the reference's batch of one image), in one forward and
+    one optimiser step for all of them. Default 1, the reference's loop: G copies cost G times the
+    text-tower memory of one (G x classes prompts), so raise it where the accelerator has room."""
 
     def __post_init__(self) -> None:
         check_fields(self, "tpt")
@@ -541,4 +548,4 @@ class TPTConfig:
 
     def test_time_views(self) -> TestTimeViews:
         """The views the ``test_time`` protocol hands TPT for each test image."""
-        return TestTimeViews(self.n_views, self.augmix)
+        return TestTimeViews(self.n_views, self.augmix, self.images_per_step)

@@ -101,6 +101,16 @@ class PromptEmbeddings(nn.Module):
             out.append(torch.cat(parts, dim=1))
         return torch.cat(out, dim=0), self.eot[rows]
 
+    def text_features_stacked(self, ctx: Tensor, task: str | None = None) -> Tensor:
+        """Text features ``(G, n, D)`` of ``task``'s rows under each of ``G`` shared contexts
+        ``ctx`` ``(G, n_ctx, W)`` (one per test image being adapted): the ``G · n`` prompts go
+        through the text tower together, in its chunks. Row ``g`` equals
+        ``text_features(ctx[g], task)``."""
+        prompts = [self.prompts(c, task) for c in ctx]
+        x = torch.cat([p for p, _ in prompts])
+        eot = torch.cat([e for _, e in prompts])
+        return self.backbone.encode_text_embeddings(x, eot).view(ctx.shape[0], len(prompts[0][1]), -1)
+
     def text_features(
         self, ctx: Tensor, task: str | None = None, *, layer_hook: LayerHook | None = None
     ) -> Tensor:

@@ -47,7 +47,6 @@ Deliberate changes:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -58,28 +57,17 @@ from vlprompt.methods import coop
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, image_features, read_saved_state
-from vlprompt.methods.options import TPTConfig, n_selected
+from vlprompt.methods.options import TPTConfig
+from vlprompt.methods.test_time import (
+    average_entropy,
+    average_entropy_stacked,
+    pick,
+    select_confident,
+    select_confident_stacked,
+    stacked_copies,
+)
 
-
-# ---------------------------------------------------------------- the objective
-def select_confident(logits: Tensor, selection_p: float) -> Tensor:
-    """Indices of the ``int(N · ρ)`` rows of ``logits`` ``(N, C)`` whose softmax has the lowest
-    entropy, most confident first (``select_confident_samples``)."""
-    k = n_selected(logits.shape[0], selection_p)
-    if k < 1:
-        raise ValueError(f"tpt: selection_p={selection_p} keeps no image out of {logits.shape[0]}")
-    logits = logits.float()
-    entropy = -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1)
-    return torch.argsort(entropy, stable=True)[:k]
-
-
-def average_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the mean softmax of the rows of ``logits`` ``(N, C)`` (``avg_entropy``), computed
-    in log space: ``log p̃ = logsumexp_n(log p_n) − log N``, clamped so ``0 · log 0`` stays 0."""
-    log_p = logits.float().log_softmax(dim=-1)
-    log_mean = torch.logsumexp(log_p, dim=0) - math.log(log_p.shape[0])
-    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
-    return -(log_mean.exp() * log_mean).sum()
+__all__ = ["TPT", "average_entropy", "build", "load_context", "select_confident"]
 
 
 # ---------------------------------------------------------------- the method
@@ -92,6 +80,7 @@ class TPT(nn.Module):
         self.selection_p = cfg.selection_p
         self.lr = cfg.lr
         self.steps = cfg.steps
+        self.images_per_step = cfg.images_per_step
 
     def logits(self, task: str, features: Tensor) -> Tensor:
         """``(N, n_cls)`` logits of image embeddings ``features`` with the current context."""
@@ -117,6 +106,48 @@ class TPT(nn.Module):
                 losses.append(float(loss.detach()))
         return losses
 
+    def stacked_logits(self, task: str, ctx: Tensor, features: Tensor) -> Tensor:
+        """``(G, N, n_cls)`` logits of each image's embeddings ``features`` ``(G, N, D)`` under its
+        own context ``ctx[g]`` ``(G, n_ctx, W)``: CLIP's cosine logits, one classifier per image."""
+        text = coop.held(self).prompts.text_features_stacked(ctx, task)
+        text = text / text.norm(dim=-1, keepdim=True)
+        image = features / features.norm(dim=-1, keepdim=True)
+        return self.backbone.logit_scale * image.to(text.dtype) @ text.transpose(1, 2)
+
+    def adapt_stacked(self, task: str, features: Tensor) -> Tensor:
+        """The tuned contexts ``(G, n_ctx, W)`` of ``G`` images at once (``methods/test_time.py``):
+        ``features`` ``(G, 1 + V, D)``, each image tuned from the current ``ctx`` exactly as
+        :meth:`adapt` tunes it alone -- the per-image losses are summed, so every copy gets its own
+        gradient, and AdamW is element-wise."""
+        ctx = stacked_copies(self.ctx, features.shape[0])
+        optimizer = torch.optim.AdamW([ctx], lr=self.lr)
+        selected: Tensor | None = None
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                logits = self.stacked_logits(task, ctx, features)
+                if selected is None:
+                    selected = select_confident_stacked(logits.detach(), self.selection_p)
+                loss = average_entropy_stacked(pick(logits, selected)).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return ctx.detach()
+
+    def _predict_stacked(self, batch: Batch, originals: Tensor, views: Tensor) -> Tensor:
+        """Logits of the originals, ``images_per_step`` images adapted together at a time."""
+        out = []
+        for lo in range(0, len(batch), self.images_per_step):
+            hi = min(lo + self.images_per_step, len(batch))
+            with torch.no_grad():
+                flat = views[lo:hi].flatten(0, 1).to(self.backbone.device)
+                seen = self.backbone.encode_image(flat).view(hi - lo, views.shape[1], -1)
+            features = torch.cat([originals[lo:hi, None], seen.to(originals.dtype)], dim=1)
+            ctx = self.adapt_stacked(batch.task, features) if self.steps > 0 else None
+            ctx = ctx if ctx is not None else stacked_copies(self.ctx, hi - lo).detach()
+            with torch.no_grad():
+                out.append(self.stacked_logits(batch.task, ctx, originals[lo:hi, None])[:, 0])
+        return torch.cat(out)
+
     def predict(self, batch: Batch) -> Tensor:
         """Logits ``(B, n_cls)`` of the originals; each sample tuned on its own ``Batch.views``.
 
@@ -132,6 +163,8 @@ class TPT(nn.Module):
                 f"got {tuple(views.shape)}"
             )
         originals = image_features(self.backbone, batch)  # (B, D), no grad
+        if self.images_per_step > 1:
+            return self._predict_stacked(batch, originals, views)
         start, grad = self.ctx.detach().clone(), self.ctx.grad
         out = []
         try:

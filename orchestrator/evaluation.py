@@ -51,15 +51,18 @@ def evaluate_test_time(
     seed: int,
     loader_workers: int,
     ctx: WorkerContext,
+    images_per_call: int = 1,
 ) -> float:
-    """Accuracy of a method that adapts on each test sample: one sample at a time, with its views.
+    """Accuracy of a method that adapts on each test sample, with its views.
 
-    The method's ``predict`` gets the original image and its augmented views, never the
-    label; it adapts, predicts and resets itself (``methods/base.py``). Progress is printed
-    about every tenth of the split, since this is the slow part of a test-time run.
+    The method's ``predict`` gets ``images_per_call`` originals (the method's declared
+    ``TestTimeViews.images_per_step``) and their augmented views, never the labels; it adapts
+    each on its own, predicts and resets itself (``methods/base.py``). Progress is printed about
+    every tenth of the split, since this is the slow part of a test-time run.
     """
     dataset = ViewsDataset(items, transform, seed)
-    mine = [[i] for i in range(ctx.rank, len(dataset), ctx.world_size)]
+    own = list(range(ctx.rank, len(dataset), ctx.world_size))
+    mine = [own[i : i + images_per_call] for i in range(0, len(own), images_per_call)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=loader_workers)
     correct = total = 0
     every = max(1, len(mine) // 10)
@@ -70,9 +73,9 @@ def evaluate_test_time(
         correct += int((logits.argmax(dim=-1).cpu() == label).sum())
         total += len(label)
         if ctx.is_main and (step % every == 0 or step == len(mine)):
-            rate = step / max(time.perf_counter() - t0, 1e-9)
+            rate = total / max(time.perf_counter() - t0, 1e-9)
             print(
-                f"[vlprompt] test-time {task}: {step}/{len(mine)} samples on this worker, "
+                f"[vlprompt] test-time {task}: {total}/{len(own)} samples on this worker, "
                 f"accuracy so far {100.0 * correct / total:.1f}% ({rate:.2f} samples/s)",
                 flush=True,
             )

@@ -94,6 +94,7 @@ class Transforms:
     train: Any
     test: Any
     views: AugmentedViews | None  # per-image test-time views, for methods that adapt on them
+    images_per_call: int = 1  # test images a test-time method adapts in one predict call
 
 
 @dataclass
@@ -244,7 +245,7 @@ def make_transforms(cfg: DictConfig, backbone: Backbone, *, fit: bool, views: An
     test = test_transform(size, mean, std)
     train = test if fit else train_transform(size, mean, std, cfg.train.crop_min_scale)
     per_image = AugmentedViews(size, mean, std, views.n_views, augmix=views.augmix) if views else None
-    return Transforms(train, test, per_image)
+    return Transforms(train, test, per_image, views.images_per_step if views else 1)
 
 
 def cache_features(cfg: DictConfig, ctx: WorkerContext, setup: Setup) -> None:
@@ -398,6 +399,7 @@ def evaluate_all(
                 seed=cfg.seed,
                 loader_workers=cfg.data.loader_workers,
                 ctx=ctx,
+                images_per_call=setup.transforms.images_per_call,
             )
         else:
             scores[es.key] = evaluate(model, setup.sources[es.key], cfg.train.eval_batch_size, ctx)

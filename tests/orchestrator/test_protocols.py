@@ -166,6 +166,8 @@ def test_tpt_without_a_step_is_zero_shot_and_with_steps_is_reproducible(tmp_path
     assert "test-time synthetic:" in capsys.readouterr().out  # progress while adapting
     second = _run(_cfg(tmp_path, "data.protocol=test_time", method=tpt))
     assert first["test_acc"] == second["test_acc"]  # views are seeded per sample
+    together = _run(_cfg(tmp_path, "data.protocol=test_time", method=(*tpt, "method.images_per_step=4")))
+    assert together["test_acc"] == first["test_acc"]  # four images per predict call, same answers
 
 
 def test_test_time_refuses_a_method_it_would_leave_untrained(tmp_path):
