@@ -141,10 +141,13 @@ def image_features(backbone: Backbone, batch: Batch) -> Tensor:
 
 
 def cosine_logits(image_feats: Tensor, text_feats: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """CLIP logits ``scale · norm(img) @ norm(txt)ᵀ`` ``(B, C)``, computed in fp32 (CLIP Eq. 1)."""
+    """CLIP logits ``scale · norm(img) @ norm(txt)ᵀ`` ``(B, C)``, computed in fp32 (CLIP Eq. 1).
+
+    Stacked too: ``(G, B, D)`` images against ``(G, C, D)`` text, one classifier per ``g``
+    (test-time methods adapting G images at once) give ``(G, B, C)``."""
     img = F.normalize(image_feats.float(), dim=-1)
     txt = F.normalize(text_feats.float(), dim=-1)
-    return logit_scale * img @ txt.T
+    return logit_scale * img @ txt.mT
 
 
 def cross_entropy(logits: Tensor, labels: Tensor | None) -> Tensor:

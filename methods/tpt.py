@@ -110,9 +110,7 @@ class TPT(nn.Module):
         """``(G, N, n_cls)`` logits of each image's embeddings ``features`` ``(G, N, D)`` under its
         own context ``ctx[g]`` ``(G, n_ctx, W)``: CLIP's cosine logits, one classifier per image."""
         text = coop.held(self).prompts.text_features_stacked(ctx, task)
-        text = text / text.norm(dim=-1, keepdim=True)
-        image = features / features.norm(dim=-1, keepdim=True)
-        return self.backbone.logit_scale * image.to(text.dtype) @ text.transpose(1, 2)
+        return cosine_logits(features, text, self.backbone.logit_scale)
 
     def adapt_stacked(self, task: str, features: Tensor) -> Tensor:
         """The tuned contexts ``(G, n_ctx, W)`` of ``G`` images at once (``methods/test_time.py``):
@@ -142,8 +140,7 @@ class TPT(nn.Module):
                 flat = views[lo:hi].flatten(0, 1).to(self.backbone.device)
                 seen = self.backbone.encode_image(flat).view(hi - lo, views.shape[1], -1)
             features = torch.cat([originals[lo:hi, None], seen.to(originals.dtype)], dim=1)
-            ctx = self.adapt_stacked(batch.task, features) if self.steps > 0 else None
-            ctx = ctx if ctx is not None else stacked_copies(self.ctx, hi - lo).detach()
+            ctx = self.adapt_stacked(batch.task, features)  # steps=0: the reset context, G times
             with torch.no_grad():
                 out.append(self.stacked_logits(batch.task, ctx, originals[lo:hi, None])[:, 0])
         return torch.cat(out)

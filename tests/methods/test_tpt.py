@@ -14,6 +14,7 @@ from vlprompt.methods import METHODS, build_method, capabilities, options
 from vlprompt.methods.base import Batch, Method, count_trainable
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.coop import CoOp
+from vlprompt.methods.test_time import average_entropy_stacked
 from vlprompt.methods.tpt import TPT, TPTConfig, average_entropy, select_confident
 
 CLASSES = ["golden_retriever", "airplane", "sea lion", "annual crop land", "x"]
@@ -252,3 +253,83 @@ def test_predict_tunes_on_the_original_then_its_views_selecting_once(
         for b, features in enumerate(seen):
             expected = torch.cat([tiny.encode_image(images[b : b + 1]), tiny.encode_image(views[b])])
             torch.testing.assert_close(features, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- many images at once
+
+
+def test_stacked_text_features_equal_one_context_at_a_time(tiny: Backbone) -> None:
+    method = tpt(tiny)
+    prompts = method.coop.prompts
+    ctx = torch.randn(3, *method.ctx.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    with torch.no_grad():
+        stacked = prompts.text_features_stacked(ctx, "pets")
+        for g in range(3):
+            torch.testing.assert_close(
+                stacked[g], prompts.text_features(ctx[g], "pets"), rtol=1e-5, atol=1e-5
+            )
+
+
+def _features(backbone: Backbone, images: Tensor, views: Tensor) -> Tensor:
+    with torch.no_grad():
+        seen = backbone.encode_image(views.flatten(0, 1)).view(len(images), V, -1)
+        return torch.cat([backbone.encode_image(images)[:, None], seen], 1)
+
+
+def _gradient(method: TPT, features: Tensor) -> Tensor:
+    """One image's gradient of TPT's loss at the current context."""
+    ctx = method.ctx
+    logits = method.logits("pets", features)
+    loss = average_entropy(logits[select_confident(logits.detach(), method.selection_p)])
+    return torch.autograd.grad(loss, ctx)[0]
+
+
+def test_one_stacked_step_gets_each_image_its_own_gradient(
+    tiny: Backbone, images: Tensor, views: Tensor
+) -> None:
+    method = tpt(tiny)
+    feats = _features(tiny, images, views)
+    ctx = method.ctx.detach().unsqueeze(0).repeat(6, 1, 1).requires_grad_(True)
+    logits = method.stacked_logits("pets", ctx, feats)
+    loss = average_entropy_stacked(
+        torch.stack([logits[b][select_confident(logits[b].detach(), 0.25)] for b in range(6)])
+    )
+    (stacked,) = torch.autograd.grad(loss.sum(), ctx)
+    for b in range(6):
+        torch.testing.assert_close(stacked[b], _gradient(method, feats[b]), rtol=1e-4, atol=1e-5)  # |g| ~ 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [1, 2])
+def test_images_adapted_together_equal_the_per_image_loop(
+    tiny: Backbone, images: Tensor, views: Tensor, steps: int
+) -> None:
+    batch = Batch("pets", images=images, views=views)
+    alone = tpt(tiny, steps=steps, lr=0.05)
+    together = tpt(tiny, steps=steps, lr=0.05, images_per_step=4)  # 6 images: chunks of 4 and 2
+    with torch.no_grad():
+        together.ctx.copy_(alone.ctx)
+    start = together.ctx.detach().clone()
+    expected, got = alone.predict(batch), together.predict(batch)
+    assert torch.equal(together.ctx, start)  # the reset state is untouched
+    assert not torch.allclose(expected, tpt(tiny, steps=0).predict(batch), atol=1e-3)  # it tuned
+    # Adam's first step is lr * g / (|g| + eps), a sign: a gradient element within float noise of
+    # zero may flip between two summation orders; images with one are left out
+    feats = _features(tiny, images, views)
+    gradients = [_gradient(alone, feats[b]) for b in range(6)]
+    robust = [b for b, g in enumerate(gradients) if g.abs().min() > 1e-5 * g.abs().max()]
+    assert len(robust) >= 4
+    # logits are 100 x cosine: 1e-4 here is 1e-6 in cosine
+    torch.testing.assert_close(got[robust], expected[robust], rtol=1e-5, atol=1e-4)
+
+
+def test_an_image_adapted_with_others_does_not_depend_on_them(
+    tiny: Backbone, images: Tensor, views: Tensor
+) -> None:
+    method = tpt(tiny, lr=0.05, images_per_step=3)
+    full = method.predict(Batch("pets", images=images[:3], views=views[:3]))
+    other = views.clone()
+    other[0] = torch.randn_like(other[0])  # change image 0's views only
+    swapped = method.predict(Batch("pets", images=images[:3], views=other[:3]))
+    torch.testing.assert_close(swapped[1:], full[1:], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(swapped[0], full[0])
