@@ -113,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # the data checks that run before Ray starts
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("[vlprompt] stopped at once (second signal); continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a second signal, or one before Tune's loop ran: no graceful stop
+        print(
+            "[vlprompt] stopped at once; what ran is KILLED; continue with: python experiments/benchmark.py "
+            f"--config {args.config} --resume",
+            file=sys.stderr,
+        )
         return 130
     ray.shutdown()  # flush the workers' streamed logs before the table, so the table prints last
     _print_outcome(outcome, time.perf_counter() - started)
