@@ -105,6 +105,22 @@ def ray_processes(ray_tmp: str) -> list[int]:
     return found
 
 
+def ray_processes_after(ray_tmp: str, timeout: float) -> list[int]:
+    """The processes of that Ray still alive after waiting up to ``timeout`` s for them to end."""
+    started = time.time()
+    while (left := ray_processes(ray_tmp)) and time.time() - started < timeout:
+        time.sleep(0.5)
+    return left
+
+
+def _commands(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:120]!r}")
+    return out
+
+
 def ray_actor_pid(ray_tmp: str, title: str) -> int:
     """The pid of the (one) Ray process titled ``ray::<title>...`` of this Ray."""
     for pid in ray_processes(ray_tmp):
@@ -279,9 +295,7 @@ def test_a_stopped_then_killed_driver_resumes_to_a_complete_sweep(tmp_path, ray_
     second.wait_for(lambda t: more in t, 120, "two more epochs")
     second.kill()
     killed_at, orphans = time.time(), len(ray_processes(ray_tmp))
-    while ray_processes(ray_tmp) and time.time() - killed_at < 90:
-        time.sleep(0.5)
-    left = ray_processes(ray_tmp)
+    left = ray_processes_after(ray_tmp, 90)
     print(
         f"\n[faults] driver SIGKILLed: {orphans} Ray processes outlived it, {len(left)} still alive after "
         f"{time.time() - killed_at:.1f} s"
@@ -292,7 +306,8 @@ def test_a_stopped_then_killed_driver_resumes_to_a_complete_sweep(tmp_path, ray_
     # 3. resumed again: the sweep completes, each configuration once
     third = Driver(tmp_path, ray_tmp, overrides, "launch3", "--resume")
     assert third.finish() == 0, third.text()[-4000:]
-    assert not ray_processes(ray_tmp), "processes of a killed or finished driver's Ray are left"
+    left = ray_processes_after(ray_tmp, 30)  # its Ray ends with it, the last processes a moment later
+    assert not left, f"processes of a finished driver's Ray are left: {_commands(left)}"
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(parent).data.tags["launch"] == "3"
     assert _states(client, parent) == {1: ["FINISHED"], 2: ["FINISHED"], 3: ["FINISHED"]}
