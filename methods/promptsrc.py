@@ -26,9 +26,9 @@ gpa_weights`); after the last epoch the aggregate replaces the prompts, so evalu
 ``epoch_hooks``); the aggregate is a persistent buffer, so checkpoints hold it and a resumed run
 aggregates as an unbroken one. μ/σ that put no weight on any epoch are refused with the config.
 
-Matches ``muzairkhattak/PromptSRC`` ``trainers/promptsrc.py`` (commit bb95c77, identical to
-``zhengli97/PromptKD`` ``trainers/promptsrc.py``): the frozen text targets of ``VLPromptLearner``
-(lines 113-128: ``encode_text`` of every template of ``trainers/imagenet_templates.py``
+Matches ``muzairkhattak/PromptSRC`` ``trainers/promptsrc.py`` (commit bb95c77; the same code as
+``zhengli97/PromptKD`` ``trainers/promptsrc.py`` in every part cited): the frozen text targets
+of ``VLPromptLearner`` (lines 113-128: ``encode_text`` of every template of ``trainers/imagenet_templates.py``
 ``IMAGENET_TEMPLATES``, mean over templates, normalised at line 200); ``CustomCLIP.forward``
 (lines 185-211: zero-shot image features and logits under ``no_grad``); the losses of
 ``forward_backward`` (lines 297-313: ``F.l1_loss(..., reduction='mean')`` weighted by
