@@ -55,6 +55,12 @@ class Capabilities:
     token_space_keys: tuple[str, ...] = ()
     """Keys of ``learned_state()`` whose rows live in the token-embedding space, decoded to their
     nearest words in the run's record."""
+    epoch_hooks: bool = False
+    """Implements ``EpochHooks.epoch_end(epoch, epochs)``: the loop calls it after every SGD epoch
+    (PromptSRC's Gaussian prompt aggregation)."""
+    check_epochs: Callable[[Any, int], None] | None = None
+    """Given the options and ``train.epochs``: ``ValueError`` when they cannot work together (the
+    config checks call it before anything starts)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,19 @@ METHODS: dict[str, MethodSpec] = {
             token_space_keys=("ctx",),
         ),
         "IVLP: independent deep prompts in both towers",
+    ),
+    "promptsrc": MethodSpec(
+        opt.PromptSRCConfig,
+        "promptsrc",
+        Capabilities(
+            frozen_image_tower=False,
+            text_classifier=True,
+            prompt_tokens=opt.PromptSRCConfig.prompt_tokens,
+            token_space_keys=("ctx",),
+            epoch_hooks=True,
+            check_epochs=opt.PromptSRCConfig.check_epochs,
+        ),
+        "PromptSRC: IVLP prompts kept near frozen CLIP, Gaussian-aggregated over epochs",
     ),
     "maple": MethodSpec(
         opt.MaPLeConfig,

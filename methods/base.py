@@ -20,6 +20,9 @@ that the methods still to come fit without special cases in that loop:
 * **full-batch solvers** (linear probe): a method may also implement the optional hook
   :class:`FitsFeatures` -- ``fit(train, val)`` on whole :class:`FeatureSet` s of cached
   features -- and declare ``fits_features``; the loop then calls it once instead of SGD epochs.
+* **state kept across epochs** (PromptSRC's prompt aggregation): a method may implement the
+  optional hook :class:`EpochHooks` and declare ``epoch_hooks``; the loop then calls
+  ``epoch_end(epoch, epochs)`` after every SGD epoch, before the epoch's checkpoint.
 * **a fixed text classifier** (:class:`TextClassifier`): methods whose class weights are text
   features that, once trained, no longer change (zero-shot, CoOp, IVLP, ...) expose them, so a
   composite method (PromptKD's teacher) can use any of them.
@@ -98,6 +101,21 @@ class TextClassifier(Protocol):
 
     def text_features(self, task: str) -> Tensor:
         """Class weights ``(n_cls, D)`` of ``task`` (not normalised), in its class order."""
+        ...
+
+
+@runtime_checkable
+class EpochHooks(Protocol):
+    """Optional hook of a :class:`Method` that acts at epoch ends (capability ``epoch_hooks``).
+
+    The loop calls ``epoch_end`` after each SGD epoch's optimiser steps, on every data-parallel
+    rank alike, before that epoch's checkpoint is taken: whatever it keeps must be a persistent
+    buffer of the module (``orchestrator/checkpoints.py`` saves those with the parameters), so a
+    resumed run goes on exactly as an unbroken one.
+    """
+
+    def epoch_end(self, epoch: int, epochs: int) -> None:
+        """Epoch ``epoch`` of ``epochs`` (1-based: ``epochs`` after the last) has ended."""
         ...
 
 

@@ -93,8 +93,34 @@ class IVLP(nn.Module):
         return learned_tensors(self)
 
 
-def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfig) -> IVLP:
-    """Initialise the prompts of both towers and tokenise the class prompts."""
+def hold(owner: nn.Module, prompts: IVLP) -> None:
+    """Build ``owner`` on ``prompts`` by composition (as :func:`vlprompt.methods.coop.hold`):
+    ``owner.ivlp`` is a plain reference; the IVLP's ``ctx``, ``text_deep``, ``vision_prompts`` and
+    ``towers`` are registered on ``owner`` under the same names, so the owner's parameters are the
+    IVLP's and its ``state_dict`` holds an IVLP checkpoint's keys."""
+    hold_backbone(owner, prompts.backbone)
+    object.__setattr__(owner, "ivlp", prompts)
+    owner.ctx = prompts.ctx
+    owner.text_deep = prompts.text_deep
+    owner.vision_prompts = prompts.vision_prompts
+    owner.towers = prompts.towers
+
+
+def held(owner: nn.Module) -> IVLP:
+    """The IVLP :func:`hold` gave ``owner``, reading the owner's prompts (re-linked if replaced)."""
+    prompts: IVLP = owner.ivlp
+    for name in ("ctx", "text_deep", "vision_prompts"):
+        if getattr(prompts, name) is not getattr(owner, name):
+            setattr(prompts, name, getattr(owner, name))
+    return prompts
+
+
+def build(
+    backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfig, *, method: str = "ivlp"
+) -> IVLP:
+    """Initialise the prompts of both towers and tokenise the class prompts.
+
+    ``method`` names the method in errors, for those built on an IVLP (PromptSRC)."""
     depth_text = capped_depth(cfg.depth_text, backbone.text_layers)
     depth_vision = capped_depth(cfg.depth_vision, backbone.vision_layers) if cfg.depth_vision else 0
     classes = TaskClasses.of(tasks)
@@ -102,5 +128,5 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: IVLPConfi
     device = backbone.device
     text_deep = normal_prompts(depth_text - 1, cfg.n_ctx_text, backbone.text_width, device)
     vision = normal_prompts(depth_vision, cfg.n_ctx_vision, backbone.vision_width, device)
-    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, "ivlp")
-    return IVLP(DeepPrompts("ivlp", prompts), ctx, text_deep, vision)
+    prompts = class_prompts(backbone, classes, prompt_prefix, cfg.n_ctx_text, method)
+    return IVLP(DeepPrompts(method, prompts), ctx, text_deep, vision)

@@ -284,6 +284,15 @@ class KgCoOpConfig:
         check_templates("kgcoop", self.template, self.templates)
 
 
+def check_vision_prompts(method: str, n_ctx_vision: int, depth_vision: int) -> None:
+    """IVLP-style visual prompts are on (both counts >= 1) or off (both 0), never half set."""
+    if (n_ctx_vision == 0) != (depth_vision == 0):
+        raise ValueError(
+            f"{method} n_ctx_vision and depth_vision must both be 0 (no visual prompts) or both >= 1, "
+            f"got {n_ctx_vision} and {depth_vision}"
+        )
+
+
 @dataclass
 class IVLPConfig:
     """Options of IVLP (``TRAINER.IVLP.*`` in the reference configs)."""
@@ -304,11 +313,7 @@ class IVLPConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "ivlp")
-        if (self.n_ctx_vision == 0) != (self.depth_vision == 0):
-            raise ValueError(
-                "ivlp n_ctx_vision and depth_vision must both be 0 (no visual prompts) or both >= 1, "
-                f"got {self.n_ctx_vision} and {self.depth_vision}"
-            )
+        check_vision_prompts("ivlp", self.n_ctx_vision, self.depth_vision)
 
     def prompt_tokens(self) -> PromptTokens:
         towers = {"text": (self.depth_text, self.n_ctx_text)}
@@ -332,6 +337,89 @@ class MaPLeConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "maple")
+
+
+def gpa_weights(mean: float, std: float, epochs: int) -> tuple[float, ...]:
+    """PromptSRC's Gaussian prompt aggregation weights ``w_e = N(e; μ, σ) / Σ_e' N(e'; μ, σ)`` for
+    epochs ``e = 1 .. epochs``, in float64 as the reference (``trainers/promptsrc.py`` ``get_gauss``
+    and ``build_model``, lines 265-270).
+
+    ``ValueError`` when the density is (numerically) zero at every epoch, or not finite: the
+    reference would then divide 0 by 0 and end with NaN prompts.
+    """
+    scale = 1 / (std * math.sqrt(2 * math.pi))
+    density = [scale * math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
+    total = sum(density)
+    if not (math.isfinite(total) and total > 0):
+        raise ValueError(
+            f"promptsrc gpa_mean={mean} gpa_std={std} put no weight on any of the epochs 1 .. {epochs} "
+            "(the Gaussian's density is 0 at each of them in float64, so its weights would be 0/0); "
+            f"move gpa_mean into 1 .. {epochs}, widen gpa_std, or set gpa=false"
+        )
+    return tuple(d / total for d in density)
+
+
+@dataclass
+class PromptSRCConfig:
+    """Options of PromptSRC (``TRAINER.PROMPTSRC.*`` in the reference configs)."""
+
+    n_ctx_text: int = option(4, at_least=1)
+    """Text prompt tokens per prompted layer (``N_CTX_TEXT``)."""
+    n_ctx_vision: int = option(4, at_least=0)
+    """Visual prompt tokens per prompted layer (``N_CTX_VISION``); 0 (with ``depth_vision`` 0): none."""
+    depth_text: int = option(9, at_least=1)
+    """Text layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_TEXT``; 3 in the cross-dataset config;
+    capped at the tower's blocks)."""
+    depth_vision: int = option(9, at_least=0)
+    """Image layers with prompts, 0 .. depth-1 (``PROMPT_DEPTH_VISION``; capped at the tower's
+    blocks); 0: no visual prompts."""
+    ctx_init: str = "a photo of a"
+    """Words for the layer-0 text context when ``n_ctx_text <= 4`` (``CTX_INIT``), as IVLP's."""
+    text_loss_weight: float = option(25.0, at_least=0)
+    """Weight of the L1 between prompted and frozen template-ensemble text features (``TEXT_LOSS_WEIGHT``)."""
+    image_loss_weight: float = option(10.0, at_least=0)
+    """Weight of the L1 between prompted and frozen image features (``IMAGE_LOSS_WEIGHT``)."""
+    logit_loss_weight: float = option(1.0, at_least=0)
+    """Weight of the KL between zero-shot and prompted logits (no config key: the reference adds
+    ``L_SCL_logits`` unweighted, ``trainers/promptsrc.py`` line 312)."""
+    gpa: bool = True
+    """Gaussian prompt aggregation: the prompts evaluated are the Gaussian-weighted sum of every
+    epoch's (no config key: the reference always aggregates). False: the last epoch's prompts."""
+    gpa_mean: float = 15.0
+    """μ of the GPA weights over epochs 1 .. ``train.epochs`` (``GPA_MEAN``; 6 cross-dataset)."""
+    gpa_std: float = option(1.0, above=0)
+    """σ of the GPA weights (``GPA_STD``; 10 cross-dataset)."""
+    text_templates: list[str] = option(factory=list)
+    """Templates (one ``{}`` each) of the frozen text targets. Empty: the reference's 60 ImageNet
+    templates (``trainers/imagenet_templates.py`` ``IMAGENET_TEMPLATES``; ``promptsrc.IMAGENET60``)."""
+    normalise_templates: bool = False
+    """Average L2-normalised template features (CLIP's zero-shot ensembling) instead of the raw
+    features the reference averages (``trainers/promptsrc.py`` lines 125-128); normalised after."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "promptsrc")
+        check_vision_prompts("promptsrc", self.n_ctx_vision, self.depth_vision)
+        self.text_templates = list(self.text_templates)
+        for i, template in enumerate(self.text_templates):
+            if template.count("{}") != 1:
+                raise ValueError(
+                    f"promptsrc text_templates[{i}] must be a string with exactly one '{{}}' for the "
+                    f"class name, got {template!r}"
+                )
+
+    def ivlp(self) -> IVLPConfig:
+        """The prompts' options: PromptSRC's architecture is IVLP's."""
+        return IVLPConfig(
+            self.n_ctx_text, self.n_ctx_vision, self.depth_text, self.depth_vision, self.ctx_init
+        )
+
+    def prompt_tokens(self) -> PromptTokens:
+        return self.ivlp().prompt_tokens()
+
+    def check_epochs(self, epochs: int) -> None:
+        """``ValueError`` when the GPA weights put no weight on any of ``epochs`` epochs."""
+        if self.gpa:
+            gpa_weights(self.gpa_mean, self.gpa_std, epochs)
 
 
 TOWERS = ("text", "vision")

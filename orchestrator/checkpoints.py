@@ -7,7 +7,9 @@ epochs and at the end of each configuration. A checkpoint folder holds:
 * ``progress.json`` -- which configurations of the bundle are done (they are skipped after a
   restart) and which one is in flight, with its completed epochs and the RNG streams that are
   not tensors (Python's ``random``, NumPy's legacy global generator);
-* ``train_state.pt`` -- the in-flight configuration's trainable parameters, the optimiser's
+* ``train_state.pt`` -- the in-flight configuration's trainable parameters and the method's
+  persistent buffers (what it keeps between epochs besides parameters: PromptSRC's running
+  prompt aggregate, PromptKD's BatchNorm statistics), the optimiser's
   state (momentum buffers, learning rates), torch's CPU and CUDA generator states, and the last
   epoch's statistics (the run's ``final_train_loss`` when it restarts after its last epoch);
 * ``learned_state.pt`` -- a finished configuration's learned state (what the Tune result points to).
@@ -55,9 +57,18 @@ class Progress:
     state: TrainState | None = None
 
 
+def _saved_tensors(method: nn.Module) -> dict[str, Tensor]:
+    """The method's trainable parameters and persistent buffers, by ``state_dict`` name (live)."""
+    state = method.state_dict(keep_vars=True)
+    trainable = {name: p for name, p in method.named_parameters() if p.requires_grad}
+    buffers = {name: t for name, t in state.items() if not isinstance(t, nn.Parameter)}
+    return {**trainable, **buffers}
+
+
 def trainable_state(method: nn.Module) -> dict[str, Tensor]:
-    """The method's trainable parameters by name (everything else is frozen and rebuilt)."""
-    return {name: p.detach().cpu().clone() for name, p in method.named_parameters() if p.requires_grad}
+    """The method's trainable parameters and persistent buffers by name (everything else -- frozen
+    parameters, non-persistent buffers -- is rebuilt identically with the method)."""
+    return {name: t.detach().cpu().clone() for name, t in _saved_tensors(method).items()}
 
 
 def capture(
@@ -67,14 +78,17 @@ def capture(
 
 
 def restore(state: TrainState, method: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Put parameters, optimiser and RNG streams back as they were after ``state.epoch`` epochs."""
-    params = dict(method.named_parameters())
-    missing = sorted(set(state.params) ^ {n for n, p in params.items() if p.requires_grad})
+    """Put parameters, persistent buffers, optimiser and RNG streams back as they were after
+    ``state.epoch`` epochs."""
+    live = _saved_tensors(method)
+    missing = sorted(set(state.params) ^ set(live))
     if missing:
-        raise ValueError(f"checkpoint does not match the method's trainable parameters: {missing}")
+        raise ValueError(
+            f"checkpoint does not match the method's trainable parameters and persistent buffers: {missing}"
+        )
     with torch.no_grad():
         for name, value in state.params.items():
-            params[name].copy_(value.to(params[name].device))
+            live[name].copy_(value.to(live[name].device))
     optimizer.load_state_dict(state.optimizer)
     set_rng_state(state.rng)
 

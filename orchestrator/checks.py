@@ -68,7 +68,8 @@ def validate(cfg: DictConfig) -> None:
     """Check values the types cannot: choices, ranges, protocol, method, names (not the space)."""
     _check_choices(cfg)
     _check_bounds(cfg)
-    name, _ = method_options(cfg.method)
+    name, typed = method_options(cfg.method)
+    _check_epochs(name, typed, cfg.train.epochs)
     _check_protocol(cfg, name)
     _check_scheduler(cfg)
     _check_names(cfg)
@@ -125,6 +126,18 @@ def _check_views(cfg: DictConfig) -> None:
     size = cfg.data.encode_batch_size
     if size is not None and size < 1:
         raise ConfigError(f"data.encode_batch_size must be >= 1 (or null: train.eval_batch_size), got {size}")
+
+
+def _check_epochs(method: str, options: Any, epochs: int) -> None:
+    """The method's own rule on ``train.epochs`` (its ``check_epochs`` capability), e.g. that
+    PromptSRC's prompt-aggregation weights put weight on some epoch."""
+    check = capabilities(method).check_epochs
+    if check is None:
+        return
+    try:
+        check(options, epochs)
+    except ValueError as err:
+        raise ConfigError(f"method: {err} (train.epochs={epochs})") from None
 
 
 def _check_protocol(cfg: DictConfig, method: str) -> None:

@@ -32,7 +32,7 @@ from vlprompt import datasets as vds
 from vlprompt.datasets.images import test_transform, train_transform
 from vlprompt.datasets.views import AugmentedViews
 from vlprompt.methods import Capabilities, build_method, capabilities
-from vlprompt.methods.base import count_trainable, trainable_parameters
+from vlprompt.methods.base import EpochHooks, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.batching import Encoder, Source
@@ -357,7 +357,17 @@ def optimise(
         on_epoch_end=on_epoch_end,
         resume=session.resume,
         withhold_labels=setup.protocol.transductive,
+        hooks=epoch_hooks(setup),
     )
+
+
+def epoch_hooks(setup: Setup) -> EpochHooks | None:
+    """The method, when it declares ``epoch_hooks`` (it must then implement :class:`EpochHooks`)."""
+    if not setup.caps.epoch_hooks:
+        return None
+    if not isinstance(setup.method, EpochHooks):
+        raise TypeError(f"{setup.method_name} declares epoch_hooks but has no epoch_end(epoch, epochs)")
+    return setup.method
 
 
 def validate(

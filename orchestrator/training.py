@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from vlprompt.methods.base import FeatureSet, trainable_parameters
+from vlprompt.methods.base import EpochHooks, FeatureSet, trainable_parameters
 from vlprompt.orchestrator.batching import Source, epoch_batches
 from vlprompt.orchestrator.checkpoints import TrainState, restore
 from vlprompt.orchestrator.worker import WorkerContext, broadcast_parameters, sum_gradients, summed
@@ -100,10 +100,13 @@ def train_epochs(
     on_epoch_end: EpochEnd | None = None,
     resume: TrainState | None = None,
     withhold_labels: bool = False,
+    hooks: EpochHooks | None = None,
 ) -> dict[str, float]:
     """The SGD epochs; returns the last epoch's mean loss as ``final_train_loss``.
 
-    ``withhold_labels``: see :func:`train_epoch`.
+    ``withhold_labels``: see :func:`train_epoch`. ``hooks``: the method, when it declares
+    ``epoch_hooks``: told of each epoch's end (1-based) before ``on_epoch`` / ``on_epoch_end``,
+    so the epoch's checkpoint holds what the hook changed.
 
     ``resume``: a checkpoint of this run after ``resume.epoch`` epochs (``orchestrator/
     checkpoints.py``): parameters, optimiser and RNG streams are put back and the remaining
@@ -132,6 +135,8 @@ def train_epochs(
             ctx=ctx,
             withhold_labels=withhold_labels,
         )
+        if hooks is not None:
+            hooks.epoch_end(epoch + 1, epochs)
         stats["lr"] = rate
         on_epoch(epoch, stats)
         if on_epoch_end is not None:

@@ -22,6 +22,7 @@ PRESETS = [
     "multi_task",
     "test_time",
     "promptkd",
+    "promptsrc",
 ]
 # what keeps a preset's run short on the tiny model (TPT's 63 views per image → 9)
 SHORTER = {

@@ -20,7 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from vlprompt.methods import METHODS, build_method, capabilities, method_config, methods_with
-from vlprompt.methods.base import Batch, FeatureSet, FitsFeatures, Method, TextClassifier, count_trainable
+from vlprompt.methods.base import (
+    Batch,
+    EpochHooks,
+    FeatureSet,
+    FitsFeatures,
+    Method,
+    TextClassifier,
+    count_trainable,
+)
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits
 
@@ -59,6 +67,8 @@ CASES: dict[str, Case] = {
     "kgcoop": Case({}, 2_048),  # "a photo of a": 4 x 512
     "ivlp": Case({}, 30_720, image_features=lambda m, x: m.image_features(x)),  # 2+2 tokens, depth 12
     "maple": Case({}, 3_555_072, image_features=lambda m, x: m.image_features(x)),  # n_ctx 2, depth 9
+    # IVLP 4+4 tokens, depth 9/9: 9 x 4 x 512 + 9 x 4 x 768
+    "promptsrc": Case({}, 46_080, image_features=lambda m, x: m.ivlp.image_features(x)),
     "bias_tuning": Case(  # matched to IVLP 2+2 depth 12: one bias per prompt vector
         {"match": "ivlp"}, 30_720, image_features=lambda m, x: m.image_features(Batch("t", images=x))
     ),
@@ -224,6 +234,11 @@ def test_a_text_classifier_predicts_with_its_text_features(tiny: Backbone, image
 @pytest.mark.parametrize("name", NAMES)
 def test_fits_features_exactly_when_declared(tiny: Backbone, name: str) -> None:
     assert isinstance(build(name, tiny), FitsFeatures) is capabilities(name).fits_features
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_epoch_hooks_exactly_when_declared(tiny: Backbone, name: str) -> None:
+    assert isinstance(build(name, tiny), EpochHooks) is capabilities(name).epoch_hooks
 
 
 @pytest.mark.parametrize("name", NAMES)

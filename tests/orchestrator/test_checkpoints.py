@@ -129,3 +129,29 @@ def test_a_checkpoint_that_holds_code_is_refused(tmp_path):
     )
     with pytest.raises(Exception, match=r"[Ww]eights only load failed|Unsupported global"):
         checkpoints.read(tmp_path)
+
+
+def test_a_promptsrc_run_resumed_mid_aggregation_ends_as_the_unbroken_run(tmp_path):
+    """PromptSRC's running prompt aggregate (a persistent buffer) travels in the checkpoint: a
+    run that dies after epoch k and resumes ends with the unbroken run's aggregated prompts."""
+    gpa = ("method.name=promptsrc", "method.gpa_mean=2.5", "method.gpa_std=1.5")  # weight on every epoch
+    cfg = _cfg(tmp_path, *gpa, "data.shots=2")
+    ctx = WorkerContext(0, 1, CPU)
+    unbroken = Checkpointing(tmp_path / "unbroken")
+    expected = run(cfg, ctx, None, unbroken)
+
+    with pytest.raises(Died):
+        run(cfg, ctx, None, Checkpointing(tmp_path / "died", dies_after=DIES_AFTER))
+    state = checkpoints.read(tmp_path / "died" / f"epoch-{DIES_AFTER}").state
+    assert float(state.params["gpa_aggregate"].abs().max()) > 0  # two epochs' weighted prompts
+    resumed = Checkpointing(tmp_path / "resumed", resume=state)
+    got = run(cfg, ctx, None, resumed)
+    assert _numbers(got) == _numbers(expected)
+    assert resumed.learned.keys() == unbroken.learned.keys()
+    assert all(torch.equal(resumed.learned[k], unbroken.learned[k]) for k in unbroken.learned)
+
+    # the comparison can fail: the same resume with the aggregate lost ends elsewhere
+    state.params["gpa_aggregate"].zero_()
+    forgetful = Checkpointing(tmp_path / "forgetful", resume=state)
+    run(cfg, ctx, None, forgetful)
+    assert not all(torch.equal(forgetful.learned[k], unbroken.learned[k]) for k in unbroken.learned)

@@ -175,6 +175,22 @@ def test_method_options_are_typed_by_their_dataclass():
         load_config("promptkd", ["method.teacher_method=coop", "method.teacher_options={n_ctx: four}"])
 
 
+def test_gpa_weights_that_miss_every_epoch_are_refused_with_the_config():
+    """PromptSRC's options alone cannot know train.epochs: the config checks apply its rule."""
+    cfg = load_config("promptsrc", ["train.epochs=3", "method.gpa_mean=2"])
+    assert (cfg.train.epochs, cfg.method.gpa_mean) == (3, 2.0)
+    with pytest.raises(
+        ConfigError,
+        match=r"method: promptsrc gpa_mean=15\.5 gpa_std=0\.001 put no weight "
+        r"on any of the epochs 1 \.\. 20 .*\(train\.epochs=20\)",
+    ):
+        load_config("promptsrc", ["method.gpa_mean=15.5", "method.gpa_std=0.001"])
+    load_config("promptsrc", ["method.gpa_mean=15.5", "method.gpa_std=0.001", "method.gpa=false"])
+    # every point of the space is checked: 20 epochs would do, 2 do not
+    with pytest.raises(ConfigError, match=r"epochs 1 \.\. 2 "):
+        load_config("promptsrc", ["method.gpa_std=0.05", "sweep.space={train.epochs: {choice: [20, 2]}}"])
+
+
 def test_every_point_of_the_space_is_a_valid_trial():
     from vlprompt.orchestrator.config import space_trials
 
