@@ -55,6 +55,10 @@ class Capabilities:
     token_space_keys: tuple[str, ...] = ()
     """Keys of ``learned_state()`` whose rows live in the token-embedding space, decoded to their
     nearest words in the run's record."""
+    source_stats: Callable[[Any], opt.SourceStatsSpec] | None = None
+    """Aligns to offline statistics of a proxy source dataset (``methods/source_stats.py``): given
+    the options, which file it reads and how that file must have been made. The checks read it
+    before a run starts; ``experiments/source_stats.py`` makes the file."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,18 @@ METHODS: dict[str, MethodSpec] = {
         "tpt",
         Capabilities(learns=False, test_time_views=opt.TPTConfig.test_time_views, token_space_keys=("ctx",)),
         "TPT: CoOp context tuned on each test image's augmented views",
+    ),
+    "promptalign": MethodSpec(
+        opt.PromptAlignConfig,
+        "promptalign",
+        Capabilities(
+            learns=False,
+            frozen_image_tower=False,
+            test_time_views=opt.PromptAlignConfig.test_time_views,
+            token_space_keys=("ctx",),
+            source_stats=opt.PromptAlignConfig.source_statistics,
+        ),
+        "PromptAlign: MaPLe prompts tuned per test image, its token statistics aligned to a source's",
     ),
 }
 
