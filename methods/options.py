@@ -189,6 +189,10 @@ class SourceStatsSpec:
     required: bool
     """The run cannot do without the file (an alignment weight above 0)."""
 
+    def source(self) -> dict[str, object]:
+        """The proxy source, as the file's metadata records it (``stats_file.SOURCE_KEYS``)."""
+        return {"dataset": self.dataset, "split": self.split, "images_per_class": self.images_per_class}
+
 
 # ---------------------------------------------------------------- the methods' options
 

@@ -300,9 +300,7 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptAli
     if cfg.source_stats:
         parts = fingerprint(backbone, prompt.learned_state(), cfg.align_layers)
         del parts["init_state"]  # checked against the state tuning starts from, when it starts
-        spec = cfg.source_statistics()
-        source = {"dataset": spec.dataset, "split": spec.split, "images_per_class": spec.images_per_class}
-        stats = load_stats(cfg.source_stats, parts, source=source)
+        stats = load_stats(cfg.source_stats, parts, source=cfg.source_statistics().source())
         tokens = backbone.token_positions("vision") + cfg.n_ctx  # class token, patches, prompts
         if tuple(stats.mean.shape[1:]) != (tokens, backbone.vision_width):
             raise ValueError(

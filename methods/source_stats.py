@@ -214,6 +214,9 @@ def save_stats(
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(f".{file.name}.{os.getpid()}.partial")
     save_file(dict(tensors), str(partial), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    partial.chmod(0o666 & ~umask)  # safetensors writes 0600; the file is no secret
     os.replace(partial, file)
     return file
 

@@ -147,3 +147,21 @@ def check_classes(metadata: Mapping[str, str], file: str | Path, needed: Sequenc
             f"(method.source_dataset): {remake(file)}"
         )
     return classes
+
+
+def check_without_torch(
+    metadata: Mapping[str, str],
+    file: str | Path,
+    model_name: str,
+    blocks: Sequence[int],
+    source: Mapping[str, object],
+) -> None:
+    """What the driver can check before torch starts: the architecture named by the
+    ``backbone`` part (not the weights' digest), the blocks and the source."""
+    made_with = str(metadata.get("backbone", "")).split(" ")[0]
+    if made_with != model_name:
+        raise ValueError(
+            f"source statistics {file} were made with backbone {made_with!r}, this run's model is "
+            f"{model_name!r}: {remake(file)}"
+        )
+    check_made_by(metadata, file, {"blocks": blocks_text(blocks)}, source)

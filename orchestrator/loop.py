@@ -32,7 +32,7 @@ from vlprompt import datasets as vds
 from vlprompt.datasets.images import test_transform, train_transform
 from vlprompt.datasets.views import AugmentedViews
 from vlprompt.methods import Capabilities, build_method, capabilities
-from vlprompt.methods.base import count_trainable, trainable_parameters
+from vlprompt.methods.base import ReportsInputs, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.batching import Encoder, Source
@@ -280,8 +280,10 @@ def cache_features(cfg: DictConfig, ctx: WorkerContext, setup: Setup) -> None:
 
 
 def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tracker: Tracker) -> None:
-    """The run's parameters: resolved config, split fingerprint, transforms, code version."""
+    """The run's parameters: resolved config, split fingerprint, transforms, code version, and
+    what the method read beyond its options (``ReportsInputs``)."""
     generated = ", ".join(data.generated)
+    inputs = setup.method.run_inputs() if isinstance(setup.method, ReportsInputs) else {}
     tracker.tags({"data.generated": "true" if data.generated else "false"})
     tracker.params(
         {
@@ -298,6 +300,7 @@ def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tr
             "num_classes": sum(len(s.classnames) for s in data.tasks.values()),
             "num_train_images": len(setup.train),
             "data.generated": generated or "none",
+            **inputs,
             **tracking.code_version(),
         }
     )
