@@ -79,7 +79,7 @@ from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, observed_image_features, read_saved_state, require_images
 from vlprompt.methods.options import MaPLeConfig, PromptAlignConfig
-from vlprompt.methods.source_stats import SourceStats, fingerprint, load_stats, tensors_digest
+from vlprompt.methods.source_stats import SourceStats, fingerprint, init_state_part, load_stats
 from vlprompt.methods.test_time import average_entropy, select_confident
 
 __all__ = ["PromptAlign", "alignment_loss", "build", "token_statistics"]
@@ -196,7 +196,7 @@ class PromptAlign(nn.Module):
             torch.equal(p, v) for p, v in zip(params, self._verified, strict=True)
         ):
             return
-        self.stats.check_init_state(f"sha256:{tensors_digest(self.learned_state())}")
+        self.stats.check_init_state(init_state_part(self.learned_state()))
         self._verified = [p.clone() for p in params]
 
     def predict(self, batch: Batch) -> Tensor:
@@ -298,8 +298,7 @@ def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptAli
         load_init_state(prompt, cfg.init_state)
     stats = None
     if cfg.source_stats:
-        parts = fingerprint(backbone, prompt.learned_state(), cfg.align_layers)
-        del parts["init_state"]  # checked against the state tuning starts from, when it starts
+        parts = fingerprint(backbone, None, cfg.align_layers)  # init_state: when tuning starts
         stats = load_stats(cfg.source_stats, parts, source=cfg.source_statistics().source())
         tokens = backbone.token_positions("vision") + cfg.n_ctx  # class token, patches, prompts
         if tuple(stats.mean.shape[1:]) != (tokens, backbone.vision_width):

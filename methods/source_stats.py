@@ -105,14 +105,20 @@ def transform_part(backbone: Backbone) -> str:
     return f"test: Resize({size}, bicubic) + CenterCrop({size}), mean {list(mean)}, std {list(std)}"
 
 
-def fingerprint(backbone: Backbone, state: Mapping[str, Tensor], blocks: Sequence[int]) -> dict[str, str]:
-    """The fingerprint parts of a model: backbone, the prompts' state, the blocks, the transform."""
-    return {
-        "backbone": backbone_part(backbone),
-        "init_state": f"sha256:{tensors_digest(state)}",
-        "blocks": stats_file.blocks_text(blocks),
-        "transform": transform_part(backbone),
-    }
+def fingerprint(
+    backbone: Backbone, state: Mapping[str, Tensor] | None, blocks: Sequence[int]
+) -> dict[str, str]:
+    """The fingerprint parts of a model: backbone, the prompts' ``state``, the blocks, the transform
+    (without ``init_state`` when ``state`` is None: checked later, against the state tuning starts from)."""
+    parts = {"backbone": backbone_part(backbone), "blocks": stats_file.blocks_text(blocks)}
+    if state is not None:
+        parts["init_state"] = init_state_part(state)
+    return {**parts, "transform": transform_part(backbone)}
+
+
+def init_state_part(state: Mapping[str, Tensor]) -> str:
+    """``"sha256:<digest>"`` of the prompts the statistics are taken with."""
+    return f"sha256:{tensors_digest(state)}"
 
 
 # ---------------------------------------------------------------- accumulating

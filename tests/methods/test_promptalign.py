@@ -90,14 +90,10 @@ def test_it_observes_each_block_input_as_the_block_receives_it(tiny: Backbone, i
         # block 1: block 0's output with its prompt positions replaced by F_1(P_1)
         out = visual.transformer.resblocks[0](x)
         deep = prompt.compound_prompt_projections[0](prompt.compound_prompts_text[0])
-        expected = torch.cat([out[:, : -tiny_n_ctx(method)], deep.expand(3, -1, -1)], 1)
+        expected = torch.cat([out[:, : -method.ctx.shape[0]], deep.expand(3, -1, -1)], 1)
         torch.testing.assert_close(tokens[1], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(features, prompt.image_features(images[:3]))  # observing changes nothing
     assert tokens[0].shape == (3, tiny.token_positions("vision") + 2, tiny.vision_width)
-
-
-def tiny_n_ctx(method: PromptAlign) -> int:
-    return int(method.ctx.shape[0])
 
 
 # ---------------------------------------------------------------- β = 0 is TPT on MaPLe

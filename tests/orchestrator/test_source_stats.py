@@ -167,3 +167,10 @@ def test_the_driver_refuses_a_missing_or_foreign_file_before_ray(made) -> None:
     broken.write_bytes(file.read_bytes()[:-10])
     with pytest.raises(ConfigError, match=r"broken\.safetensors are truncated"):
         check(f"method.source_stats={broken}")
+
+
+def test_promptalign_runs_only_where_nothing_is_trained() -> None:
+    with pytest.raises(
+        ConfigError, match=r"method.name=promptalign adapts to each test image.*data.protocol=test_time"
+    ):
+        load_config("promptalign", ["data.protocol=domain_generalisation"])
