@@ -61,6 +61,10 @@ class Capabilities:
     check_epochs: Callable[[Any, int], None] | None = None
     """Given the options and ``train.epochs``: ``ValueError`` when they cannot work together (the
     config checks call it before anything starts)."""
+    source_stats: Callable[[Any], opt.SourceStatsSpec] | None = None
+    """Aligns to offline statistics of a proxy source dataset (``methods/source_stats.py``): given
+    the options, which file it reads and how that file must have been made. The checks read it
+    before a run starts; ``experiments/source_stats.py`` makes the file."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,18 @@ METHODS: dict[str, MethodSpec] = {
         "tpt",
         Capabilities(learns=False, test_time_views=opt.TPTConfig.test_time_views, token_space_keys=("ctx",)),
         "TPT: CoOp context tuned on each test image's augmented views",
+    ),
+    "promptalign": MethodSpec(
+        opt.PromptAlignConfig,
+        "promptalign",
+        Capabilities(
+            learns=False,
+            frozen_image_tower=False,
+            test_time_views=opt.PromptAlignConfig.test_time_views,
+            token_space_keys=("ctx",),
+            source_stats=opt.PromptAlignConfig.source_statistics,
+        ),
+        "PromptAlign: MaPLe prompts tuned per test image, its token statistics aligned to a source's",
     ),
 }
 

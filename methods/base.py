@@ -119,6 +119,16 @@ class EpochHooks(Protocol):
         ...
 
 
+@runtime_checkable
+class ReportsInputs(Protocol):
+    """Optional hook of a :class:`Method` that reads inputs beyond its options (PromptAlign's
+    source statistics file): what it read, logged as params of the run that used it."""
+
+    def run_inputs(self) -> dict[str, str]:
+        """Param name → value, e.g. ``{"source_stats.file": path, "source_stats.fingerprint": ...}``."""
+        ...
+
+
 @dataclass
 class FeatureSet:
     """A whole split of one task as cached image features: what :meth:`FitsFeatures.fit` solves on."""

@@ -248,6 +248,34 @@ def prompted_image_features(backbone: Backbone, prompts: Sequence[Tensor], image
     return backbone.encode_image(images.to(backbone.device), embed_hook=embed_hook, layer_hook=layer_hook)
 
 
+def observed_image_features(
+    backbone: Backbone, prompts: Sequence[Tensor], images: Tensor, blocks: Sequence[int]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """:func:`prompted_image_features`, and the input ``(N, L, W)`` of each image block in
+    ``blocks`` as that block receives it: after ``ln_pre`` and with this layer's visual prompts
+    swapped in (the reference PromptAlign's ``visual_feat``, stored at the top of its MaPLe
+    block's forward). The layer hook only looks; the features are the same numbers."""
+    embed_hook, prompt_hook = vision_prompt_hooks(list(prompts))
+    wanted = set(blocks)
+    seen: dict[int, Tensor] = {}
+
+    def observe(i: int, x: Tensor) -> Tensor:
+        if prompt_hook is not None:
+            x = prompt_hook(i, x)
+        if i in wanted:
+            seen[i] = x
+        return x
+
+    features = backbone.encode_image(images.to(backbone.device), embed_hook=embed_hook, layer_hook=observe)
+    missing = sorted(wanted - set(seen))
+    if missing:
+        raise ValueError(
+            f"image blocks {missing} do not exist: {backbone.name} has {backbone.vision_layers} (0 .. "
+            f"{backbone.vision_layers - 1})"
+        )
+    return features, {i: seen[i] for i in sorted(wanted)}
+
+
 def require_images(method: str, batch: Batch) -> Tensor:
     """``batch.images``; a clear error for cached features, which a prompted image tower cannot use."""
     if batch.images is None:

@@ -99,6 +99,31 @@ class MaPLe(nn.Module):
         return learned_tensors(self)
 
 
+#: What a MaPLe learns, by attribute: what :func:`hold` registers on a method built on one.
+LEARNED = ("ctx", "proj", "compound_prompts_text", "compound_prompt_projections")
+
+
+def hold(owner: nn.Module, prompt: MaPLe) -> None:
+    """Build ``owner`` on ``prompt`` by composition (as ``coop.hold``): ``owner.maple`` is a plain
+    reference, like the backbone; the MaPLe's parameters and projections are registered on
+    ``owner`` under MaPLe's own names (and its fixed class prompts as ``owner.towers``), so the
+    owner's ``state_dict`` is exactly a MaPLe checkpoint in both directions."""
+    hold_backbone(owner, prompt.backbone)
+    object.__setattr__(owner, "maple", prompt)
+    owner.towers = prompt.towers
+    for name in LEARNED:
+        setattr(owner, name, getattr(prompt, name))
+
+
+def held(owner: nn.Module) -> MaPLe:
+    """The MaPLe :func:`hold` gave ``owner``, re-linked to the owner's tensors if one was replaced."""
+    prompt: MaPLe = owner.maple
+    for name in LEARNED:
+        if getattr(prompt, name) is not getattr(owner, name):
+            setattr(prompt, name, getattr(owner, name))
+    return prompt
+
+
 def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: MaPLeConfig) -> MaPLe:
     """Initialise prompts and projections in the reference's order and tokenise the class prompts."""
     depth = capped_depth(cfg.prompt_depth, min(backbone.text_layers, backbone.vision_layers))

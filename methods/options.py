@@ -17,7 +17,8 @@ A field says what it accepts in two places: its type annotation (checked by
   method (``build_method(..., templates=...)``) when the user left it empty;
 * ``method_with``: the name of another registered method, which must declare that capability
   (PromptKD's teacher needs a ``text_classifier``); ``options_of``: that method's options, checked
-  as its own; ``model_name``: an open_clip architecture name (checked against the model configs).
+  as its own; ``model_name``: an open_clip architecture name (checked against the model configs);
+  ``dataset_name``: a dataset of the catalog (checked by the orchestrator, which may read it).
 
 ``__post_init__`` calls :func:`check_fields` and then keeps only the rules that tie fields
 together (IVLP's visual prompts on or off in both counts, TPT's selection keeping an image).
@@ -49,6 +50,7 @@ def option(
     method_with: str | None = None,
     options_of: str | None = None,
     model_name: bool = False,
+    dataset_name: bool = False,
 ) -> Any:
     """A dataclass field with the value rules this module's docstring lists."""
     rules = {
@@ -61,6 +63,7 @@ def option(
         "method_with": method_with,
         "options_of": options_of,
         "model_name": model_name or None,
+        "dataset_name": dataset_name or None,
     }
     metadata = {k: v for k, v in rules.items() if v is not None}
     return field(default=default, default_factory=factory, metadata=metadata)
@@ -163,6 +166,32 @@ class PromptTokens:
     prompt vector."""
 
     towers: Mapping[str, tuple[int, int | None]]
+
+
+@dataclass(frozen=True)
+class SourceStatsSpec:
+    """The offline source statistics a method aligns to (``methods/source_stats.py``): which file
+    it reads, and how that file must have been made. Read by the orchestrator's checks before a
+    run and by the command that makes the file (``experiments/source_stats.py``)."""
+
+    option: str
+    """The option that names the file (the command builds the method with it empty)."""
+    file: str
+    """The file the run reads; empty: none given."""
+    dataset: str
+    """The catalog dataset the statistics come from (the proxy source)."""
+    split: str
+    """Its split: ``train``, ``val`` or ``test``."""
+    images_per_class: int
+    """At most this many images of each class, the first in the split's order; 0: all of them."""
+    blocks: tuple[int, ...]
+    """The image-tower blocks whose input tokens are summarised."""
+    required: bool
+    """The run cannot do without the file (an alignment weight above 0)."""
+
+    def source(self) -> dict[str, object]:
+        """The proxy source, as the file's metadata records it (``stats_file.SOURCE_KEYS``)."""
+        return {"dataset": self.dataset, "split": self.split, "images_per_class": self.images_per_class}
 
 
 # ---------------------------------------------------------------- the methods' options
@@ -637,3 +666,84 @@ class TPTConfig:
     def test_time_views(self) -> TestTimeViews:
         """The views the ``test_time`` protocol hands TPT for each test image."""
         return TestTimeViews(self.n_views, self.augmix, self.images_per_step)
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PromptAlignConfig:
+    """Options of PromptAlign (``jameelhassan/PromptAlign``: ``TRAINER.PROMPTALIGN.*`` and ``TPT.*``
+    of ``configs/trainers/PromptAlign/vit_b16_c2_ep5_batch4_2ctx_DG.yaml`` (DG), the MaPLe options
+    of the model it starts from, and the source statistics it aligns to)."""
+
+    n_ctx: int = option(2, at_least=1)
+    """MaPLe prompt tokens per prompted layer (``TRAINER.PROMPTALIGN.N_CTX``)."""
+    prompt_depth: int = option(3, at_least=1)
+    """MaPLe's J: layers 0 .. J-1 of both towers get prompts (``PROMPT_DEPTH``: 3 in the DG
+    config, the depth of the ImageNet MaPLe it loads)."""
+    ctx_init: str = "a photo of a"
+    """Words for the layer-0 text context (``CTX_INIT``), as MaPLe's ``ctx_init``."""
+    init_state: str = option("", path="file")
+    """Path to a trained ``maple`` run's ``learned_state.pt`` (same n_ctx and depth: the keys and
+    shapes must match): the state every test image starts from (the reference's ``--model-dir``
+    ``weights/maple/ori/seed{S}``, epoch 2). Empty: MaPLe's own initialisation (tests)."""
+    n_views: int = option(63, at_least=1)
+    """Augmented views per test image (``TPT.BATCH_SIZE`` 64 = the original + 63 views)."""
+    selection_p: float = option(0.1, above=0, at_most=1)
+    """Fraction of the ``1 + n_views`` images kept by confidence selection, for the entropy and
+    the statistics alike (``TPT.TPT_THRESHOLD`` = ``TPT.ALIGN_THRESHOLD`` = 0.1)."""
+    lr: float = option(4e-2, at_least=0)
+    """AdamW learning rate of the per-image step (``TPT.LR``: 4e-2 in the DG config, 5e-4 in the
+    fine-grained/cross-dataset ``finegrain`` config)."""
+    steps: int = option(1, at_least=0)
+    """Steps per test image (``TPT.TTA_STEPS``); 0: no tuning (MaPLe's prediction)."""
+    align_weight: float = option(100 / 3, at_least=0)
+    """β, the weight of the summed per-block alignment term (``TPT.DISTR_LOSS_W`` 100 divided by
+    ``ALIGN_LAYER_TO - ALIGN_LAYER_FROM`` = 3, although only two blocks are summed); 0: TPT on
+    MaPLe (no statistics needed)."""
+    align_layers: list[int] = option(factory=lambda: [0, 1])
+    """Image blocks whose input tokens are aligned. The reference's config says ``ALIGN_LAYER_FROM
+    0``, ``ALIGN_LAYER_TO 3``, but its loop ``range(FROM, TO - 1)`` aligns blocks 0 and 1: the
+    default is what it runs; ``[0, 1, 2]`` is what its config names."""
+    source_stats: str = option("", path="file")
+    """The source statistics file (``TPT.VIS_MEANS`` / ``TPT.VIS_VARS``), made by
+    ``python experiments/source_stats.py --config CONFIG``; needed when ``align_weight`` > 0."""
+    source_dataset: str = option("imagenet", dataset_name=True)
+    """The catalog dataset the statistics come from (ImageNet, the reference's proxy source)."""
+    source_split: str = option("train", choices=SPLITS)
+    """Its split (train: ImageNet val is also a reported test set)."""
+    source_images_per_class: int = option(0, at_least=0)
+    """At most this many images per class, the first of each in the split's order; 0: all."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "promptalign")
+        if n_selected(1 + self.n_views, self.selection_p) < 1:
+            raise ValueError(
+                f"promptalign selection_p={self.selection_p} keeps int({1 + self.n_views} x "
+                f"{self.selection_p}) = 0 of the original + n_views={self.n_views} images; raise "
+                "selection_p or n_views"
+            )
+        layers = list(self.align_layers)
+        if not layers or any(not _is_int(i, 0) for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"promptalign align_layers must be distinct image block indices >= 0, got {layers!r}"
+            )
+        self.align_layers = sorted(layers)
+
+    def test_time_views(self) -> TestTimeViews:
+        """The views the ``test_time`` protocol hands PromptAlign: crops and flips, no AugMix (the
+        reference's ``AugMixAugmenter`` keeps an empty ``aug_list`` for every dataset)."""
+        return TestTimeViews(self.n_views, augmix=False)
+
+    def source_statistics(self) -> SourceStatsSpec:
+        """The statistics file this configuration reads, and how it must have been made."""
+        return SourceStatsSpec(
+            option="source_stats",
+            file=self.source_stats,
+            dataset=self.source_dataset,
+            split=self.source_split,
+            images_per_class=self.source_images_per_class,
+            blocks=tuple(self.align_layers),
+            required=self.align_weight > 0,
+        )

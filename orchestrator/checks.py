@@ -253,6 +253,11 @@ def _typed(name: str, options: Mapping[str, Any], where: str) -> dict[str, Any]:
             plain[f.name] = _typed(plain[of], plain[f.name], f"{where}.{f.name}")
         if f.metadata.get("model_name"):
             check_model(f"{where}.{f.name}", plain[f.name])
+        if f.metadata.get("dataset_name"):
+            try:
+                vds.get_entry(plain[f.name])
+            except ValueError as err:
+                raise ConfigError(f"{where}.{f.name}: {err}") from None
     return plain
 
 

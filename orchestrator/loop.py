@@ -32,7 +32,7 @@ from vlprompt import datasets as vds
 from vlprompt.datasets.images import test_transform, train_transform
 from vlprompt.datasets.views import AugmentedViews
 from vlprompt.methods import Capabilities, build_method, capabilities
-from vlprompt.methods.base import EpochHooks, count_trainable, trainable_parameters
+from vlprompt.methods.base import EpochHooks, ReportsInputs, count_trainable, trainable_parameters
 from vlprompt.methods.clip import Backbone, load_backbone
 from vlprompt.orchestrator import tracking
 from vlprompt.orchestrator.batching import Encoder, Source
@@ -279,9 +279,20 @@ def cache_features(cfg: DictConfig, ctx: WorkerContext, setup: Setup) -> None:
         setup.train.use_views(encoder, views)
 
 
+def reported_inputs(setup: Setup) -> dict[str, str]:
+    """What a method declaring ``source_stats`` read (it must then implement :class:`ReportsInputs`)."""
+    if setup.caps.source_stats is None:
+        return {}
+    if not isinstance(setup.method, ReportsInputs):
+        raise TypeError(f"{setup.method_name} declares source_stats but has no run_inputs()")
+    return setup.method.run_inputs()
+
+
 def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tracker: Tracker) -> None:
-    """The run's parameters: resolved config, split fingerprint, transforms, code version."""
+    """The run's parameters: resolved config, split fingerprint, transforms, code version, and
+    what the method read beyond its options (``ReportsInputs``)."""
     generated = ", ".join(data.generated)
+    inputs = reported_inputs(setup)
     tracker.tags({"data.generated": "true" if data.generated else "false"})
     tracker.params(
         {
@@ -298,6 +309,7 @@ def log_run(cfg: DictConfig, ctx: WorkerContext, data: RunData, setup: Setup, tr
             "num_classes": sum(len(s.classnames) for s in data.tasks.values()),
             "num_train_images": len(setup.train),
             "data.generated": generated or "none",
+            **inputs,
             **tracking.code_version(),
         }
     )

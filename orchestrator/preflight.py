@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vlprompt import datasets as vds
-from vlprompt.orchestrator.config import ConfigError, space_trials
+from vlprompt.methods import capabilities, stats_file
+from vlprompt.orchestrator.config import ConfigError, method_options, space_trials
 from vlprompt.orchestrator.data import ensure_datasets
 from vlprompt.orchestrator.protocols import get_protocol
 
@@ -31,6 +32,7 @@ def preflight(cfg: DictConfig) -> None:
     """
     readings: dict[tuple, list[DictConfig]] = {}
     for trial in space_trials(cfg):
+        check_source_stats(trial)
         d = trial.data
         key = (d.root, d.dataset, tuple(d.eval_targets), d.generate_missing, d.generate_stand_ins,
                d.make_missing_splits)  # fmt: skip
@@ -60,6 +62,28 @@ def read_data(cfg: DictConfig) -> dict[str, vds.TaskData]:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.dataset={cfg.data.dataset}: {err}{_generate_hint(cfg)}") from None
     return tasks
+
+
+def check_source_stats(cfg: DictConfig) -> None:
+    """A method that aligns to offline source statistics (capability ``source_stats``) names a
+    whole statistics file made for this architecture, blocks and source (``methods/stats_file.py``;
+    the weights and starting prompts are checked where torch runs, when the method loads it)."""
+    name, typed = method_options(cfg.method)
+    wanted = capabilities(name).source_stats
+    spec = wanted(typed) if wanted else None
+    if spec is None or not (spec.required or spec.file):
+        return
+    key = f"method.{spec.option}"
+    if not spec.file:
+        raise ConfigError(
+            f"{key} is empty, but method.name={name} aligns to source statistics: make the file with "
+            f"`{stats_file.MAKE_COMMAND}` (the same config and overrides) and set {key} to it"
+        )
+    try:
+        metadata, _ = stats_file.read_header(spec.file)
+        stats_file.check_without_torch(metadata, spec.file, cfg.model.name, spec.blocks, spec.source())
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_shots(tasks: dict[str, vds.TaskData], shots: int) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlprompt import datasets as vds
+from vlprompt.orchestrator import source_stats
 from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
 from vlprompt.orchestrator.protocols import PROTOCOLS
@@ -66,3 +67,29 @@ def test_protocol_preset_runs_on_generated_data(preset, tmp_path):
     assert {k.split("/", 1)[1] for k in metrics if k.startswith("target_acc/")} == set(cfg.data.eval_targets)
     if cfg.data.protocol == "multi_task":  # general10: one accuracy per task
         assert len([k for k in metrics if k.startswith("task_acc/")]) == 10
+
+
+@pytest.mark.slow  # about a minute on two cores: 1 + 3 views of every test image of five datasets
+def test_promptalign_preset_runs_with_the_statistics_its_command_makes(tmp_path, capsys):
+    # a test_time preset with one more step: its source statistics, made by the command from the
+    # same overrides (ImageNet's generated train split), then the run reads them
+    preset_cfg = load_config("promptalign")
+    for name in (preset_cfg.data.dataset, *preset_cfg.data.eval_targets):
+        vds.generate_dataset(name, tmp_path, num_classes=3, images_per_class=4)
+    common = [
+        "model.name=vlp-tiny",
+        "model.pretrained=null",
+        f"data.root={tmp_path}",
+        "method.n_views=3",
+        "method.selection_p=0.34",
+        "sweep.space={}",
+        "sweep.metric=test_acc",
+    ]
+    assert source_stats.main(["--config", "promptalign", "--out-dir", str(tmp_path / "stats"), *common]) == 0
+    override = capsys.readouterr().out.strip().splitlines()[-1]
+    assert override.startswith("method.source_stats=")
+    cfg = resolve_paths(load_config("promptalign", [*common, override]), tmp_path)
+    metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, None)
+    for name in PROTOCOLS[cfg.data.protocol].metrics:
+        assert 0.0 <= metrics[name] <= 100.0, name
+    assert {k.split("/", 1)[1] for k in metrics if k.startswith("target_acc/")} == set(cfg.data.eval_targets)

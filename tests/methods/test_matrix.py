@@ -76,6 +76,9 @@ CASES: dict[str, Case] = {
     # vision prompts 9 x 4 x 768 + projector Conv1x1(512->768), BN(768), Conv1x1(768->768)
     "promptkd": Case(TEACHER, 1_013_760, vit_b16_options=VIT_L14_TEACHER, lr=1e-5),  # loss x kd_weight 1000
     "tpt": Case({"n_views": 7, "selection_p": 0.25}, 2_048),  # "a photo of a": 4 x 512
+    # MaPLe n_ctx 2, depth 3: ctx 2 x 512 + proj 512 x 768 + 768, twice more for the deep layers;
+    # beta 0 here (no statistics file): the alignment is tested in test_promptalign.py
+    "promptalign": Case({"n_views": 7, "selection_p": 0.25, "align_weight": 0.0}, 1_185_024),
 }
 
 NAMES = sorted(CASES)

@@ -1,0 +1,309 @@
+"""PromptAlign -- test-time prompting with distribution alignment (Hassan, Hassan, Huang, Sun,
+Khan, Hayat, Khan; NeurIPS 2023, "Align Your Prompts: Test-Time Prompting with Distribution
+Alignment for Zero-Shot Generalization", arXiv 2311.01459).
+
+For every test image, the MaPLe prompts of a trained ImageNet MaPLe (text prompts and the
+text → vision projections) are tuned on that image alone, then reset. The original and its
+augmented views are classified, the ``ρ`` fraction with the lowest prediction entropy is kept
+(TPT's confidence selection) and the loss (paper Eq. 5-7) is::
+
+    L = H(p̃) + β · Σ_{l ∈ aligned blocks} [ ½·mean|μ_l − μ̂_l| + ½·mean|σ²_l − σ̂²_l| ]
+
+``H(p̃)``: the entropy of the mean prediction over the kept views (TPT's ``avg_entropy``);
+``μ_l``, ``σ²_l``: per token position and channel, the mean and (population) variance over the
+kept views of the input tokens of image block ``l``; ``μ̂_l``, ``σ̂²_l``: the same statistics of a
+proxy source dataset, computed offline (``methods/source_stats.py``, made by
+``experiments/source_stats.py``). The original is then classified with the tuned prompts.
+
+Matches ``jameelhassan/PromptAlign`` ``trainers/prompt_align.py`` (line numbers of bfe32b9,
+``PROMPTSYNC.md`` §1.2, §3): views as TPT's but never AugMix (``AugMixAugmenter`` keeps an empty
+``aug_list``, ``:494-521``); ``int(64 · 0.1) = 6`` lowest-entropy images, counted over the original
+and its views and chosen once, at the first step (``select_confident_samples``, ``:750-753``,
+``:784-788``); the same images for the entropy and the statistics (``TPT_THRESHOLD`` =
+``ALIGN_THRESHOLD`` = 0.1); statistics over them per token (``:757-761``; the block input is the
+``visual_feat`` stored by ``clip/model.py``'s MaPLe block after its prompts are swapped in,
+``:337-338``, ``:468-475``); ``distr_align_loss`` with ``F.l1_loss`` means (``:797-809``);
+β = ``DISTR_LOSS_W / (ALIGN_LAYER_TO − ALIGN_LAYER_FROM)`` = 100/3 (``:765``); AdamW over all the
+prompt learner's tensors with torch's defaults, lr 4e-2 (DG) / 5e-4 (fine-grained config), one
+step, state and optimiser reset before every image (``:635-637``, ``:694-699``); the prediction
+is the original's with the tuned prompts (``:712-717``). Defaults from
+``configs/trainers/PromptAlign/vit_b16_c2_ep5_batch4_2ctx_DG.yaml``: n_ctx 2, "a photo of a",
+depth 3. Trainable per image on ViT-B/16: 1,185,024.
+
+**The aligned blocks.** The config names ``ALIGN_LAYER_FROM 0``, ``ALIGN_LAYER_TO 3`` (``DG
+yaml:42-43``), but ``distr_align_loss`` loops ``range(FROM, TO - 1)`` (``:805``): blocks 0 and 1
+are aligned, while β is still divided by 3. ``align_layers`` defaults to ``[0, 1]``, what the
+reference runs; ``[0, 1, 2]`` is what its config says (then consider β = 100/3 still, as the code
+would have it, or 100/3 · 2/3 to keep the per-block weight).
+
+**The prompt positions.** Statistics made with the very prompts tuning starts from (the
+reference's, and ours) hold, at the prompt positions of the aligned blocks, exactly the values the
+test views start with -- a prompt token is the same for every image, variance 0 -- so there the L1
+terms start at their kink (gradient 0) and any step raises them; only the class and patch tokens
+are pulled towards the source. As in the reference.
+
+Built on MaPLe by composition (``maple.hold``): the prompt assembly, both towers' forward and the
+cosine logits are MaPLe's; PromptAlign's ``state_dict``/``learned_state`` are exactly a MaPLe
+checkpoint, and ``init_state`` loads a ``maple`` run's ``learned_state.pt``.
+
+Deliberate changes:
+
+* fp32 prompts, losses and AdamW state (the reference: fp16 CLIP under autocast with
+  ``GradScaler(init_scale=1000)``, which would skip a step on an inf gradient).
+* the selection pass runs the original and all views without gradients; only the kept images
+  are then run again with gradients (the reference back-propagates through all 64, although the
+  loss reads only the kept 6: the same loss, a tenth of the backward's memory). Their features
+  in that second pass may differ from the first pass's in the last float bits (another batch size).
+* ties in the entropy ranking go to the earlier image (stable sort; the reference's is unstable).
+* the source statistics are checked to come from *this* model (backbone weights, starting prompts,
+  blocks, transform) and from the configured source (``source_dataset``, ``source_split``,
+  ``source_images_per_class``); the reference loads whatever ``VIS_MEANS`` names.
+* ``predict`` without ``Batch.views`` does no tuning: MaPLe's prediction with the current prompts.
+  With views, every sample of the batch is tuned independently from the same start.
+* ``training_loss`` is MaPLe's cross-entropy (the ``test_time`` protocol trains nothing; a
+  training protocol refuses a method with test-time views).
+* one test image adapted at a time (the reference's batch of one); TPT's ``images_per_step`` is
+  not offered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vlprompt.methods import maple
+from vlprompt.methods.base import Batch
+from vlprompt.methods.clip import Backbone
+from vlprompt.methods.common import cosine_logits, observed_image_features, read_saved_state, require_images
+from vlprompt.methods.options import MaPLeConfig, PromptAlignConfig
+from vlprompt.methods.source_stats import SourceStats, fingerprint, init_state_part, load_stats
+from vlprompt.methods.test_time import average_entropy, select_confident
+
+__all__ = ["PromptAlign", "alignment_loss", "build", "token_statistics"]
+
+
+# ---------------------------------------------------------------- the objective
+def token_statistics(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and population variance ``(T, W)`` over the images of block-input tokens ``(N, T, W)``
+    (the reference's ``torch.mean(x)`` and ``torch.mean((x − mean)²)`` over the kept views)."""
+    x = tokens.float()
+    mean = x.mean(dim=0)
+    return mean, (x - mean).square().mean(dim=0)
+
+
+def alignment_loss(tokens: Sequence[Tensor], source_mean: Tensor, source_var: Tensor) -> Tensor:
+    """``Σ_l ½·mean|μ_l − μ̂_l| + ½·mean|σ²_l − σ̂²_l|`` (``distr_align_loss``): ``tokens[l]``
+    ``(N, T, W)`` are block ``l``'s inputs over the kept images, ``source_mean``/``source_var``
+    ``(L, T, W)`` the source statistics of the same blocks."""
+    loss = source_mean.new_zeros(())
+    for block, x in enumerate(tokens):
+        mean, var = token_statistics(x)
+        loss = loss + 0.5 * (mean - source_mean[block]).abs().mean()
+        loss = loss + 0.5 * (var - source_var[block]).abs().mean()
+    return loss
+
+
+# ---------------------------------------------------------------- the method
+class PromptAlign(nn.Module):
+    """MaPLe's prompts, tuned afresh on every test image's views inside :meth:`predict`."""
+
+    def __init__(self, prompt: maple.MaPLe, cfg: PromptAlignConfig, stats: SourceStats | None) -> None:
+        super().__init__()
+        maple.hold(self, prompt)  # self.maple (held); its tensors registered under MaPLe's names
+        self.selection_p = cfg.selection_p
+        self.lr = cfg.lr
+        self.steps = cfg.steps
+        self.align_weight = cfg.align_weight
+        self.align_layers = tuple(cfg.align_layers)
+        self.stats = stats
+        self._verified: list[Tensor] | None = None  # the start state the statistics were checked for
+        if stats is not None:
+            device = self.backbone.device
+            self.register_buffer("source_mean", stats.mean.to(device), persistent=False)
+            self.register_buffer("source_var", stats.var.to(device), persistent=False)
+
+    # ------------------------------------------------------------ MaPLe's forward, observed
+    def text_features(self, task: str) -> Tensor:
+        return maple.held(self).text_features(task)
+
+    def observe(self, images: Tensor, blocks: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """Image embeddings ``(N, D)`` with the current prompts, and the input tokens of ``blocks``."""
+        return observed_image_features(self.backbone, maple.held(self).vision_prompts(), images, blocks)
+
+    def stats_fingerprint(self) -> dict[str, str]:
+        """The fingerprint a statistics file made from this model, in its current state, records."""
+        return fingerprint(self.backbone, self.learned_state(), self.align_layers)
+
+    def logits(self, task: str, images: Tensor) -> Tensor:
+        """Cosine logits ``(N, n_cls)`` of ``images`` under the current prompts."""
+        features = maple.held(self).image_features(images.to(self.backbone.device))
+        return cosine_logits(features, self.text_features(task), self.backbone.logit_scale)
+
+    # ------------------------------------------------------------ one test image
+    def loss(self, task: str, images: Tensor, text: Tensor) -> Tensor:
+        """The entropy of the mean prediction of ``images`` (the kept ones) against the class
+        features ``text``, + β · the alignment of their block-input statistics."""
+        if self.align_weight == 0:
+            features = maple.held(self).image_features(images)
+            return average_entropy(cosine_logits(features, text, self.backbone.logit_scale))
+        features, tokens = self.observe(images, self.align_layers)
+        logits = cosine_logits(features, text, self.backbone.logit_scale)
+        blocks = [tokens[b] for b in self.align_layers]
+        return average_entropy(logits) + self.align_weight * alignment_loss(
+            blocks, self.source_mean, self.source_var
+        )
+
+    def adapt(self, task: str, images: Tensor) -> list[float]:
+        """Tune the prompts in place, from their current values, on one test image's ``images``
+        ``(1 + V, C, H, W)`` (original first, then its views): ``steps`` AdamW steps on the loss of
+        the images selected (without gradients) at the first step. A fresh optimiser each call.
+        Returns the loss before each step."""
+        self._require_stats()
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr)
+        kept: Tensor | None = None
+        losses = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                text = self.text_features(task)
+                if kept is None:
+                    with torch.no_grad():
+                        features = maple.held(self).image_features(images)
+                        logits = cosine_logits(features, text.detach(), self.backbone.logit_scale)
+                    kept = images[select_confident(logits, self.selection_p).to(images.device)]
+                loss = self.loss(task, kept, text)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        return losses
+
+    def _require_stats(self) -> None:
+        """The statistics exist when β > 0, and were taken with the prompts tuning starts from."""
+        if self.align_weight == 0:
+            return
+        if self.stats is None:
+            raise ValueError(
+                f"promptalign: align_weight={self.align_weight:g} aligns to source statistics, but "
+                "method.source_stats is empty: make the file with `python experiments/source_stats.py "
+                "--config CONFIG` and set method.source_stats to it (or align_weight=0: TPT on MaPLe)"
+            )
+        params = [p.detach() for p in self.parameters()]
+        if self._verified is not None and all(
+            torch.equal(p, v) for p, v in zip(params, self._verified, strict=True)
+        ):
+            return
+        self.stats.check_init_state(init_state_part(self.learned_state()))
+        self._verified = [p.clone() for p in params]
+
+    def predict(self, batch: Batch) -> Tensor:
+        """Logits ``(B, n_cls)`` of the originals; each sample tuned on its own ``Batch.views``.
+
+        Without views: MaPLe's prediction with the current prompts, no tuning. The prompts (and
+        their ``.grad``) are the same after the call as before it, bit for bit.
+        """
+        views = getattr(batch, "views", None)
+        if views is None:
+            return maple.held(self).predict(batch)
+        images = require_images("promptalign", batch)
+        if views.dim() != 5 or views.shape[0] != len(batch):
+            raise ValueError(
+                f"promptalign: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
+                f"got {tuple(views.shape)}"
+            )
+        params = list(self.parameters())
+        start = [p.detach().clone() for p in params]
+        grads = [p.grad for p in params]
+        out = []
+        try:
+            for b in range(len(batch)):
+                with torch.no_grad():
+                    for p, s in zip(params, start, strict=True):
+                        p.copy_(s)
+                if self.steps > 0:
+                    device = self.backbone.device
+                    self.adapt(batch.task, torch.cat([images[b : b + 1].to(device), views[b].to(device)]))
+                with torch.no_grad():
+                    out.append(self.logits(batch.task, images[b : b + 1]))
+        finally:
+            with torch.no_grad():
+                for p, s, g in zip(params, start, grads, strict=True):
+                    p.copy_(s)
+                    p.grad = g
+        return torch.cat(out)
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """MaPLe's cross-entropy (the ``test_time`` protocol trains nothing)."""
+        return maple.held(self).training_loss(batch)
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """The starting prompts: exactly a MaPLe checkpoint's keys and shapes."""
+        return maple.held(self).learned_state()
+
+    def run_inputs(self) -> dict[str, str]:
+        """What this run read beyond its options, logged with it: the statistics file and its fingerprint."""
+        if self.stats is None:
+            return {}
+        meta = self.stats.metadata
+        return {
+            "source_stats.file": str(self.stats.file),
+            "source_stats.fingerprint": meta["fingerprint"],
+            "source_stats.source": f"{meta.get('source_dataset')}/{meta.get('source_split')}",
+            "source_stats.images": meta.get("images", ""),
+        }
+
+
+# ---------------------------------------------------------------- building it
+def load_init_state(prompt: maple.MaPLe, path: str) -> None:
+    """``prompt.load_state_dict`` from a ``maple`` run's ``learned_state.pt``: the same keys and
+    shapes (n_ctx, depth, the backbone's widths), every error naming the file."""
+    file = Path(path).expanduser()
+    state = read_saved_state(path, "promptalign init_state")
+    expected = prompt.state_dict()
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"promptalign init_state: {file} is not a learned_state.pt (name -> tensor)")
+    if set(state) != set(expected):
+        raise ValueError(
+            f"promptalign init_state: {file} holds {sorted(state)}, but this MaPLe (n_ctx, "
+            f"prompt_depth as configured) has {sorted(expected)}; it needs the learned_state.pt of a "
+            "maple run with the same n_ctx and prompt_depth"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"promptalign init_state: shapes in {file} differ from this MaPLe's ({'; '.join(wrong)}): "
+            "another backbone, n_ctx or prompt_depth"
+        )
+    prompt.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptAlignConfig) -> PromptAlign:
+    """MaPLe for ``tasks``, started from ``init_state``, with the source statistics it aligns to."""
+    bad = [b for b in cfg.align_layers if b >= backbone.vision_layers]
+    if bad:
+        raise ValueError(
+            f"promptalign align_layers {cfg.align_layers}: {backbone.name} has image blocks "
+            f"0 .. {backbone.vision_layers - 1}"
+        )
+    options = MaPLeConfig(n_ctx=cfg.n_ctx, prompt_depth=cfg.prompt_depth, ctx_init=cfg.ctx_init)
+    prompt = maple.build(backbone, tasks, options)
+    if cfg.init_state:
+        load_init_state(prompt, cfg.init_state)
+    stats = None
+    if cfg.source_stats:
+        parts = fingerprint(backbone, None, cfg.align_layers)  # init_state: when tuning starts
+        stats = load_stats(cfg.source_stats, parts, source=cfg.source_statistics().source())
+        tokens = backbone.token_positions("vision") + cfg.n_ctx  # class token, patches, prompts
+        if tuple(stats.mean.shape[1:]) != (tokens, backbone.vision_width):
+            raise ValueError(
+                f"promptalign: source statistics {stats.file} have tokens x width "
+                f"{tuple(stats.mean.shape[1:])}, this model's block inputs {(tokens, backbone.vision_width)}"
+            )
+    return PromptAlign(prompt, cfg, stats)

@@ -1,0 +1,254 @@
+"""Make the offline source statistics a method aligns to: the command ``experiments/source_stats.py``.
+
+    python experiments/source_stats.py --config promptalign data.root=/data method.init_state=...
+
+It reads the *run's own* config -- the same preset and overrides -- so the statistics are made by
+exactly the model the run starts from: ``model.*`` (architecture, weights, precision), the
+method's options (its prompts, ``init_state``, the aligned blocks) and ``seed`` (a random-init
+backbone or prompts are drawn from it in the same order as in the run). The method must declare
+the ``source_stats`` capability (``methods/__init__.py``), whose spec names the proxy source --
+for PromptAlign ``method.source_dataset`` / ``source_split`` / ``source_images_per_class``,
+default ImageNet's train split, every image. It is read from ``data.root`` like any catalog
+dataset (generated where ``data.generate_missing`` / ``generate_stand_ins`` allow) and seen under
+the backbone's test transform (Resize + CenterCrop, ``datasets.images.test_transform``), in
+batches of ``data.encode_batch_size`` (else ``train.eval_batch_size``) on ``train.device``.
+
+The file goes to ``method.<option>`` when the config names one, else to the cache path
+``<out_dir>/<fingerprint>-<dataset>-<split>[-<n>pc].safetensors`` keyed by the model's
+fingerprint (``methods/stats_file.py``). A file already there that this model and source made is
+kept (``--force`` recomputes); one made by another model is refused unless ``--force``. The last
+line printed is the override the run needs. Everything that can be checked without torch -- the
+config, the method, the dataset name, the data root and split -- is checked first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from vlprompt import datasets as vds
+from vlprompt.methods import METHODS, capabilities, stats_file
+from vlprompt.methods.options import SourceStatsSpec
+from vlprompt.orchestrator.config import ConfigError, method_options
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to make, checked without torch: the method, its spec and the proxy images."""
+
+    method: str
+    options: Any
+    spec: SourceStatsSpec
+    splits: vds.DatasetSplits
+    items: tuple[vds.Datum, ...]
+
+
+def plan(cfg: DictConfig) -> Job:
+    """The method's statistics spec and the proxy split's items; ``ConfigError`` otherwise."""
+    name, typed = method_options(cfg.method)
+    wanted = capabilities(name).source_stats
+    if wanted is None:
+        makers = sorted(m for m, spec in METHODS.items() if spec.capabilities.source_stats)
+        raise ConfigError(
+            f"method.name={name} aligns to no source statistics; methods that do: {', '.join(makers)}"
+        )
+    spec = wanted(typed)
+    splits = read_source(cfg, spec)
+    items = getattr(splits, spec.split)
+    if spec.images_per_class:
+        items = first_per_class(items, spec.images_per_class)
+    if not items:
+        raise ConfigError(f"{spec.dataset} has no images in its {spec.split} split under {cfg.data.root}")
+    return Job(name, typed, spec, splits, tuple(items))
+
+
+def read_source(cfg: DictConfig, spec: SourceStatsSpec) -> vds.DatasetSplits:
+    """The proxy dataset from ``data.root``, generated first where the data options allow."""
+    root = Path(cfg.data.root)
+    try:
+        entry = vds.get_entry(spec.dataset)
+        allowed = cfg.data.generate_stand_ins or (cfg.data.generate_missing and entry.procedural)
+        if allowed and not (root / entry.folder).exists():
+            vds.generate_dataset(spec.dataset, root, seed=0)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={root} does not exist")
+        return vds.load_dataset(spec.dataset, root, make_missing_split=cfg.data.make_missing_splits)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(
+            f"source dataset {spec.dataset!r} (method.source_dataset): {err} (check it with "
+            f"`python -m vlprompt.datasets doctor --root {root}`)"
+        ) from None
+
+
+def first_per_class(items: Sequence[vds.Datum], n: int) -> list[vds.Datum]:
+    """At most ``n`` items of each label, the first in the split's order."""
+    seen: dict[int, int] = {}
+    kept = []
+    for item in items:
+        if seen.get(item.label, 0) < n:
+            seen[item.label] = seen.get(item.label, 0) + 1
+            kept.append(item)
+    return kept
+
+
+def cache_name(fingerprint: str, spec: SourceStatsSpec) -> str:
+    """``<fingerprint[:16]>-<dataset>-<split>[-<n>pc].safetensors``: one file per model and source."""
+    cap = f"-{spec.images_per_class}pc" if spec.images_per_class else ""
+    return f"{fingerprint[:16]}-{spec.dataset}-{spec.split}{cap}.safetensors"
+
+
+def device_of(cfg: DictConfig) -> str:
+    """``train.device``; auto: the GPU when there is one."""
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda, but this machine has no GPU")
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def make(
+    cfg: DictConfig,
+    job: Job,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    dtype: str = "float32",
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Build the model as the run builds it, stream the proxy images through it, write the file."""
+    import torch
+
+    from vlprompt.methods import source_stats
+
+    model = build_model(cfg, job)
+    parts = model.stats_fingerprint()
+    digest = stats_file.fingerprint_digest(parts)
+    out = Path(job.spec.file) if job.spec.file else out_dir / cache_name(digest, job.spec)
+    source = job.spec.source()
+    if out.exists() and not force and _up_to_date(out, parts, source, say):
+        return out
+    batches = _batches(cfg, job, model.backbone)
+    tick = _progress(len(job.items), say)
+    acc = source_stats.accumulate(model, batches, len(job.splits.classnames), job.spec.blocks, tick)
+    tensors, kept = acc.tensors(getattr(torch, dtype))
+    classes = [job.splits.classnames[i] for i in kept.tolist()]
+    empty = len(job.splits.classnames) - len(classes)
+    if empty:
+        say(f"[vlprompt] {empty} classes of {job.spec.dataset} have no {job.spec.split} image: no rows")
+    extra = {"transform_repr": repr(_transform(model.backbone)), "config": cfg.name, "dtype": dtype}
+    source_stats.save_stats(out, tensors, classes, parts, source, extra)
+    say(f"[vlprompt] wrote {out}: {len(job.items)} images, {len(classes)} classes, fingerprint {digest[:16]}")
+    return out
+
+
+def _up_to_date(out: Path, parts: dict, source: dict, say: Callable[[str], None]) -> bool:
+    """Whether ``out`` is this model's file for this source (kept); refuses a foreign one."""
+    from vlprompt.methods.source_stats import load_stats
+
+    try:
+        load_stats(out, parts, source=source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(
+            f"{out} exists and is not this configuration's ({err}); use --force to replace it"
+        ) from None
+    say(f"[vlprompt] {out} is up to date (this model, this source): not recomputed (--force recomputes)")
+    return True
+
+
+def build_model(cfg: DictConfig, job: Job) -> Any:
+    """The backbone and method exactly as ``loop.set_up`` makes them, without the file it would read."""
+    from vlprompt.methods import build_method
+    from vlprompt.methods.clip import load_backbone
+    from vlprompt.methods.source_stats import ObservesBlocks
+    from vlprompt.orchestrator.worker import seed_everything
+
+    seed_everything(cfg.seed)
+    backbone = load_backbone(
+        cfg.model.name,
+        cfg.model.pretrained,
+        device=device_of(cfg),
+        precision=cfg.model.precision,
+        text_chunk_size=cfg.model.text_chunk_size,
+        text_checkpoint=cfg.model.text_checkpoint,
+    )
+    options = dataclasses.replace(job.options, **{job.spec.option: ""})
+    splits = job.splits
+    model = build_method(
+        job.method,
+        backbone,
+        {splits.name: list(splits.classnames)},
+        options,
+        templates={splits.name: splits.template},
+    )
+    if not isinstance(model, ObservesBlocks):
+        raise TypeError(f"{job.method} declares source_stats but cannot observe its image blocks")
+    return model.eval()
+
+
+def _transform(backbone: Any) -> Any:
+    from vlprompt.datasets.images import test_transform
+
+    return test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+
+
+def _batches(cfg: DictConfig, job: Job, backbone: Any) -> Iterator[tuple[Any, Any]]:
+    import torch
+
+    from vlprompt.datasets.images import ImageDataset
+
+    size = cfg.data.encode_batch_size or cfg.train.eval_batch_size
+    dataset = ImageDataset(job.items, _transform(backbone))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=cfg.data.loader_workers)
+    for images, labels in loader:
+        yield images.to(backbone.device), labels.to(backbone.device)
+
+
+def _progress(total: int, say: Callable[[str], None]) -> Callable[[int], None]:
+    """A progress line about every twentieth of the images, with the rate."""
+    started = time.perf_counter()
+    every = max(1, total // 20)
+    last = [0]
+
+    def tick(done: int) -> None:
+        if done - last[0] >= every or done == total:
+            last[0] = done
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = (total - done) / max(rate, 1e-9)
+            say(f"[vlprompt] source statistics: {done}/{total} images ({rate:.1f}/s, ~{eta:.0f} s left)")
+
+    return tick
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``experiments/source_stats.py``'s body; exit status 2 for a bad config."""
+    import argparse
+
+    from vlprompt.orchestrator.config import load_config, resolve_paths
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's preset name or YAML path")
+    parser.add_argument("--out-dir", default="source_stats", help="cache folder (default: source_stats)")
+    parser.add_argument("--force", action="store_true", help="recompute even if an up-to-date file exists")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="storage precision")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for the run")
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_paths(load_config(args.config, args.overrides))
+        job = plan(cfg)
+        out = make(cfg, job, Path(args.out_dir).resolve(), force=args.force, dtype=args.dtype)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    print(f"method.{job.spec.option}={out}")
+    return 0

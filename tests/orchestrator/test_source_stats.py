@@ -1,0 +1,176 @@
+"""The source-statistics command on generated data, what a run logs of the file it read, and the
+driver's refusals before Ray (``orchestrator/source_stats.py``, ``preflight.check_source_stats``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlprompt import datasets as vds
+from vlprompt.methods import stats_file
+from vlprompt.methods.source_stats import load_stats
+from vlprompt.orchestrator import source_stats, tracking
+from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
+from vlprompt.orchestrator.loop import WorkerContext, run
+from vlprompt.orchestrator.preflight import check_source_stats
+
+pytestmark = pytest.mark.e2e  # builds the tiny model and streams images through it (seconds)
+
+DATASETS = ("imagenet", "imagenet_sketch")
+
+
+def overrides(root: Path, *more: str) -> list[str]:
+    """The run's overrides, shared by the command and the run (the same model, on small data)."""
+    return [
+        "model.name=vlp-tiny",
+        "model.pretrained=null",
+        f"data.root={root}",
+        "data.eval_targets=[imagenet_sketch]",
+        "method.n_views=9",
+        "sweep.space={}",
+        "sweep.metric=test_acc",
+        *more,
+    ]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Generated ImageNet-layout data, and the statistics file the command makes for it."""
+    tmp = tmp_path_factory.mktemp("stats")
+    for name in DATASETS:
+        vds.generate_dataset(name, tmp / "data", num_classes=3, images_per_class=4)
+    out = tmp / "cache"
+    assert (
+        source_stats.main(["--config", "promptalign", "--out-dir", str(out), *overrides(tmp / "data")]) == 0
+    )
+    (file,) = out.glob("*.safetensors")
+    return tmp, file
+
+
+def test_the_command_writes_the_models_statistics_under_its_fingerprint(made, capsys) -> None:
+    tmp, file = made
+    metadata, tensors = stats_file.read_header(file)
+    splits = vds.load_dataset("imagenet", tmp / "data")
+    assert file.name == f"{metadata['fingerprint'][:16]}-imagenet-train.safetensors"
+    assert json.loads(metadata["classes"]) == list(splits.classnames)
+    assert metadata["images"] == str(len(splits.train))
+    assert (metadata["source_dataset"], metadata["source_split"], metadata["source_images_per_class"]) == (
+        "imagenet",
+        "train",
+        "0",
+    )
+    assert metadata["blocks"] == "0,1" and metadata["backbone"].startswith("vlp-tiny visual sha256:")
+    assert "Resize(size=32" in metadata["transform_repr"] and "CenterCrop" in metadata["transform_repr"]
+    assert tensors["class_mean"]["shape"] == [
+        3,
+        2,
+        17 + 2,
+        64,
+    ]  # classes, blocks, tokens (+ 2 prompts), width
+    # again: the file is this model's, kept as it is
+    before = file.stat().st_mtime_ns
+    args = ["--config", "promptalign", "--out-dir", str(file.parent), *overrides(tmp / "data")]
+    assert source_stats.main(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert any("up to date" in line for line in printed)
+    assert printed[-1] == f"method.source_stats={file}"
+    assert file.stat().st_mtime_ns == before
+
+
+def test_a_capped_source_has_its_own_file_and_counts(made) -> None:
+    tmp, file = made
+    args = ["--config", "promptalign", "--out-dir", str(file.parent)]
+    assert source_stats.main([*args, *overrides(tmp / "data", "method.source_images_per_class=1")]) == 0
+    capped = next(file.parent.glob("*-imagenet-train-1pc.safetensors"))
+    stats = load_stats(
+        capped,
+        {},
+        source={"images_per_class": 1},
+        classes=vds.load_dataset("imagenet", tmp / "data").classnames,
+    )
+    assert stats.class_rows["class_count"].tolist() == [1, 1, 1] and stats.metadata["images"] == "3"
+    assert not torch.equal(stats.mean, load_stats(file, {}).mean)
+
+
+@pytest.mark.slow  # ~20 s: a whole test-time run, each image adapted on its views
+def test_the_run_reads_the_file_and_logs_it(made, monkeypatch) -> None:
+    tmp, file = made
+    logged: dict[str, object] = {}
+    monkeypatch.setattr(tracking, "log_params", lambda uri, run_id, params: logged.update(params))
+    for name in ("set_tags", "log_metrics", "log_artifact_files"):
+        monkeypatch.setattr(tracking, name, lambda *a, **k: None)
+    short = ("method.n_views=3", "method.selection_p=0.34")  # 1 + 3 images per test image, keeps 1
+    cfg = load_config("promptalign", overrides(tmp / "data", f"method.source_stats={file}", *short))
+    cfg = resolve_paths(cfg, tmp)
+    check_source_stats(cfg)  # the driver's check passes
+    metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), "run-id", None)
+    assert 0 <= metrics["test_acc"] <= 100 and "target_acc/imagenet_sketch" in metrics
+    assert logged["source_stats.file"] == str(file)
+    assert logged["source_stats.fingerprint"] == stats_file.read_header(file)[0]["fingerprint"]
+    assert logged["source_stats.source"] == "imagenet/train"
+
+
+def test_a_named_file_of_another_model_is_not_overwritten(made, capsys) -> None:
+    tmp, _ = made
+    named = tmp / "named.safetensors"
+    base = ["--config", "promptalign", *overrides(tmp / "data", f"method.source_stats={named}")]
+    assert source_stats.main(base) == 0 and named.is_file()  # written where the config says
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"method.source_stats={named}"
+    assert source_stats.main([*base, "method.align_layers=[1]"]) == 2
+    assert re.search(
+        r"named\.safetensors exists and is not this configuration's.*blocks.*--force", capsys.readouterr().err
+    )
+    assert source_stats.main([*base, "method.align_layers=[1]", "--force"]) == 0
+    assert stats_file.read_header(named)[0]["blocks"] == "1"
+
+
+def test_bad_input_is_refused_before_the_model_is_built(made, capsys, monkeypatch) -> None:
+    tmp, _ = made
+    monkeypatch.setattr(source_stats, "build_model", lambda *a: pytest.fail("built"))
+    cases = {
+        "method.name=tpt": r"method.name=tpt aligns to no source statistics; methods that do: promptalign",
+        "method.source_dataset=imagenett": r"unknown dataset 'imagenett'. Did you mean 'imagenet'",
+        f"data.root={tmp / 'nowhere'}": r"source dataset 'imagenet'.*does not exist",
+        "method.align_layers=[]": r"align_layers must be distinct image block indices",
+    }
+    for override, message in cases.items():
+        assert source_stats.main(["--config", "promptalign", *overrides(tmp / "data"), override]) == 2
+        assert re.search(message, capsys.readouterr().err), override
+
+
+def test_the_driver_refuses_a_missing_or_foreign_file_before_ray(made) -> None:
+    tmp, file = made
+
+    def check(*more: str) -> None:
+        check_source_stats(resolve_paths(load_config("promptalign", overrides(tmp / "data", *more)), tmp))
+
+    with pytest.raises(
+        ConfigError, match=r"method.source_stats is empty.*aligns to source statistics.*source_stats\.py"
+    ):
+        check()
+    check("method.align_weight=0")  # TPT on MaPLe needs no file
+    with pytest.raises(
+        ConfigError, match=r"method.source_stats: source statistics .*gone\.safetensors do not exist"
+    ):
+        check(f"method.source_stats={tmp / 'gone.safetensors'}")
+    with pytest.raises(ConfigError, match=r"made with backbone 'vlp-tiny', this run's model is 'vlp-small'"):
+        check(f"method.source_stats={file}", "model.name=vlp-small")
+    with pytest.raises(ConfigError, match=r"blocks is '0,1', this model's '0'"):
+        check(f"method.source_stats={file}", "method.align_layers=[0]")
+    with pytest.raises(ConfigError, match=r"source_split is 'train', the config's 'test'"):
+        check(f"method.source_stats={file}", "method.source_split=test")
+    broken = tmp / "broken.safetensors"
+    broken.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match=r"broken\.safetensors are truncated"):
+        check(f"method.source_stats={broken}")
+
+
+def test_promptalign_runs_only_where_nothing_is_trained() -> None:
+    with pytest.raises(
+        ConfigError, match=r"method.name=promptalign adapts to each test image.*data.protocol=test_time"
+    ):
+        load_config("promptalign", ["data.protocol=domain_generalisation"])
