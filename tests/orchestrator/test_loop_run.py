@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 
 from vlprompt.methods import METHODS, capabilities
-from vlprompt.orchestrator import tracking
+from vlprompt.orchestrator import source_stats, tracking
 from vlprompt.orchestrator.config import load_config, resolve_paths
 from vlprompt.orchestrator.loop import Session, WorkerContext, run
 
@@ -174,6 +174,11 @@ def test_every_registered_method_runs_through_the_loop(tmp_path, name):
     protocol = "data.protocol=test_time" if capabilities(name).test_time_views else "data.protocol=few_shot"
     method = (f"method.name={name}", *offline.get(name, ()))
     cfg = _cfg(tmp_path, "train.epochs=2", protocol, method=method)
+    if capabilities(name).source_stats is not None:  # its statistics, made by the stats command's code
+        method = (*method, "method.source_dataset=synthetic", "method.n_views=9")
+        cfg = _cfg(tmp_path, "train.epochs=2", protocol, method=method)
+        made = source_stats.make(cfg, source_stats.plan(cfg), tmp_path / "stats", say=lambda _: None)
+        cfg = _cfg(tmp_path, "train.epochs=2", protocol, method=(*method, f"method.source_stats={made}"))
     metrics, captured = _learned(tmp_path, cfg)
     assert 0.0 <= metrics["test_acc"] <= 100.0
     # the learned state is the trained parameters (plus BatchNorm statistics, which are state too)
