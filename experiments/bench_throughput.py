@@ -34,6 +34,10 @@ Sections (issue 9's benchmark):
   (``train.checkpoint_min_interval_s=0``), and with the default; per checkpoint (Ray Train's
   ``report`` persisting the folder into the sweep's storage), and that the accuracies agree.
 
+* ``test_time`` -- TPT adapting one test image at a time against ``--tta-group`` images per AdamW
+  step (stacked contexts, ``method.images_per_step``): images/s of each and the largest logit
+  difference between them, on a random-init ``--epoch-model``, in this process.
+
 Machines here are shared and noisy: compare the ratios, not the absolute seconds, across runs.
 """
 
@@ -284,6 +288,44 @@ def checkpoints(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def test_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """TPT adapting one test image at a time against ``--tta-group`` images per AdamW step
+    (``method.images_per_step``, ``methods/test_time.py``): test images per second, and how far the
+    two sets of logits are apart. ``--tta-images`` random images of 224 px with ``--tta-views``
+    views each, ``--tta-classes`` classes, on a random-init ``--epoch-model``, in this process."""
+    import torch
+
+    from vlprompt.methods import build_method
+    from vlprompt.methods.base import Batch
+    from vlprompt.methods.clip import load_backbone
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    backbone = load_backbone(args.epoch_model, None, device=device)
+    size = backbone.image_size
+    tasks = {"bench": [f"class {i}" for i in range(args.tta_classes)]}
+    images = torch.randn(args.tta_images, 3, size, size)
+    views = torch.randn(args.tta_images, args.tta_views, 3, size, size)
+    batch = Batch("bench", images=images.to(device), views=views.to(device))
+    out: dict[str, Any] = {"device": device, "model": args.epoch_model, "images": args.tta_images}
+    logits = {}
+    for label, group in (("per_image", 1), ("batched", args.tta_group)):
+        method = build_method("tpt", backbone, tasks, {"n_views": args.tta_views, "images_per_step": group})
+        method.predict(Batch("bench", images=images[:1].to(device), views=views[:1].to(device)))  # warm-up
+        started = time.perf_counter()
+        logits[label] = method.predict(batch).detach().cpu()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[label] = {
+            "images_per_step": group,
+            "images_per_s": args.tta_images / (time.perf_counter() - started),
+        }
+    out["speed_ratio"] = out["batched"]["images_per_s"] / out["per_image"]["images_per_s"]
+    out["max_abs_logit_difference"] = float((logits["batched"] - logits["per_image"]).abs().max())
+    out["same_predictions"] = bool(torch.equal(logits["batched"].argmax(1), logits["per_image"].argmax(1)))
+    return out
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "overhead": overhead,
     "epochs": epochs,
@@ -291,6 +333,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
     "encodes": encodes,
     "encoder": encoder,
     "checkpoints": checkpoints,
+    "test_time": test_time,
 }
 
 
@@ -304,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views-epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--checkpoint-epochs", type=int, default=30)
+    parser.add_argument("--tta-images", type=int, default=16, help="test images of the test_time section")
+    parser.add_argument("--tta-views", type=int, default=63)
+    parser.add_argument("--tta-classes", type=int, default=100)
+    parser.add_argument("--tta-group", type=int, default=8, help="images per step of the batched run")
     parser.add_argument("--k", type=int, default=4, help="cycled views per image in the views section")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
