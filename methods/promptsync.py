@@ -245,7 +245,7 @@ class PromptSync(nn.Module):
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [
             torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
-        ], float(loss)
+        ], float(loss.detach())
 
     def _discriminated_start(self, task: str) -> tuple[list[Tensor], float]:
         """P₀*: ``discrimination_steps`` AdamW steps of γ·L_PD from the current prompts (which are
@@ -257,7 +257,7 @@ class PromptSync(nn.Module):
         with torch.enable_grad():
             for _ in range(self.cfg.discrimination_steps):
                 loss = self.cfg.discrimination_weight * self.discrimination(task, self.text_features(task))
-                first = float(loss) if first is None else first
+                first = float(loss.detach()) if first is None else first
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
