@@ -70,8 +70,10 @@ def test_protocol_preset_runs_on_generated_data(preset, tmp_path):
 
 
 @pytest.mark.slow  # about a minute on two cores: 1 + 3 views of every test image of five datasets
-@pytest.mark.parametrize("preset", ["promptalign", "promptsync"])
+@pytest.mark.parametrize("preset", ["promptalign"])  # promptsync: see the note below
 def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, tmp_path, capsys):
+    # promptsync needs per-class rows of every class a run classifies (998 ImageNet names), and
+    # generated stand-ins hold at most 16 classes: its preset cannot run end to end on them yet
     # a test_time preset with one more step: its source statistics, made by the command from the
     # same overrides (ImageNet's generated train split), then the run reads them
     preset_cfg = load_config(preset)
