@@ -178,6 +178,18 @@ METHODS: dict[str, MethodSpec] = {
         ),
         "PromptAlign: MaPLe prompts tuned per test image, its token statistics aligned to a source's",
     ),
+    "promptsync": MethodSpec(
+        opt.PromptSyncConfig,
+        "promptsync",
+        Capabilities(
+            learns=False,
+            frozen_image_tower=False,
+            test_time_views=opt.PromptSyncConfig.test_time_views,
+            token_space_keys=("ctx",),
+            source_stats=opt.PromptSyncConfig.source_statistics,
+        ),
+        "PromptSync: PromptAlign with class-aware prototype alignment and prototype discrimination",
+    ),
 }
 
 

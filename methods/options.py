@@ -188,6 +188,9 @@ class SourceStatsSpec:
     """The image-tower blocks whose input tokens are summarised."""
     required: bool
     """The run cannot do without the file (an alignment weight above 0)."""
+    per_class: bool = False
+    """The run reads the file's per-class rows of every class it classifies (PromptSync's
+    prototypes): the file must cover the classes of the run's tasks and targets."""
 
     def source(self) -> dict[str, object]:
         """The proxy source, as the file's metadata records it (``stats_file.SOURCE_KEYS``)."""
@@ -672,10 +675,12 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass
-class PromptAlignConfig:
-    """Options of PromptAlign (``jameelhassan/PromptAlign``: ``TRAINER.PROMPTALIGN.*`` and ``TPT.*``
-    of ``configs/trainers/PromptAlign/vit_b16_c2_ep5_batch4_2ctx_DG.yaml`` (DG), the MaPLe options
-    of the model it starts from, and the source statistics it aligns to)."""
+class AlignedMaPLeOptions:
+    """The options PromptAlign and PromptSync share (``jameelhassan/PromptAlign``:
+    ``TRAINER.PROMPTALIGN.*`` and ``TPT.*`` of
+    ``configs/trainers/PromptAlign/vit_b16_c2_ep5_batch4_2ctx_DG.yaml`` (DG), the MaPLe options of
+    the model they start from, and the source statistics they align to). Not a method's options by
+    itself: each method's class adds its own fields and checks in ``__post_init__``."""
 
     n_ctx: int = option(2, at_least=1)
     """MaPLe prompt tokens per prompted layer (``TRAINER.PROMPTALIGN.N_CTX``)."""
@@ -716,25 +721,34 @@ class PromptAlignConfig:
     source_images_per_class: int = option(0, at_least=0)
     """At most this many images per class, the first of each in the split's order; 0: all."""
 
-    def __post_init__(self) -> None:
-        check_fields(self, "promptalign")
+    def check_aligned(self, method: str) -> None:
+        """The shared checks (fields, selection, blocks), their messages naming ``method``."""
+        check_fields(self, method)
         if n_selected(1 + self.n_views, self.selection_p) < 1:
             raise ValueError(
-                f"promptalign selection_p={self.selection_p} keeps int({1 + self.n_views} x "
+                f"{method} selection_p={self.selection_p} keeps int({1 + self.n_views} x "
                 f"{self.selection_p}) = 0 of the original + n_views={self.n_views} images; raise "
                 "selection_p or n_views"
             )
         layers = list(self.align_layers)
         if not layers or any(not _is_int(i, 0) for i in layers) or len(set(layers)) != len(layers):
             raise ValueError(
-                f"promptalign align_layers must be distinct image block indices >= 0, got {layers!r}"
+                f"{method} align_layers must be distinct image block indices >= 0, got {layers!r}"
             )
         self.align_layers = sorted(layers)
 
     def test_time_views(self) -> TestTimeViews:
-        """The views the ``test_time`` protocol hands PromptAlign: crops and flips, no AugMix (the
+        """The views the ``test_time`` protocol hands the method: crops and flips, no AugMix (the
         reference's ``AugMixAugmenter`` keeps an empty ``aug_list`` for every dataset)."""
         return TestTimeViews(self.n_views, augmix=False)
+
+    def needs_stats(self) -> bool:
+        """The run cannot do without the statistics file."""
+        return self.align_weight > 0
+
+    def needs_class_rows(self) -> bool:
+        """The run reads the file's per-class rows of the classes it classifies."""
+        return False
 
     def source_statistics(self) -> SourceStatsSpec:
         """The statistics file this configuration reads, and how it must have been made."""
@@ -745,5 +759,65 @@ class PromptAlignConfig:
             split=self.source_split,
             images_per_class=self.source_images_per_class,
             blocks=tuple(self.align_layers),
-            required=self.align_weight > 0,
+            required=self.needs_stats(),
+            per_class=self.needs_class_rows(),
         )
+
+
+@dataclass
+class PromptAlignConfig(AlignedMaPLeOptions):
+    """Options of PromptAlign (``jameelhassan/PromptAlign``: ``TRAINER.PROMPTALIGN.*`` and ``TPT.*``
+    of ``configs/trainers/PromptAlign/vit_b16_c2_ep5_batch4_2ctx_DG.yaml`` (DG), the MaPLe options
+    of the model it starts from, and the source statistics it aligns to): exactly
+    :class:`AlignedMaPLeOptions`."""
+
+    def __post_init__(self) -> None:
+        self.check_aligned("promptalign")
+
+
+WEIGHTS_OVER = ("original_and_selected", "selected")
+DISCRIMINATION = ("cached", "joint")
+
+
+@dataclass
+class PromptSyncConfig(AlignedMaPLeOptions):
+    """Options of PromptSync (Khandelwal, CVPRW 2024; no code released): PromptAlign's, plus the
+    class-aware alignment and the prototype discrimination. Every field below is a reconstruction
+    ([R] in ``PROMPTSYNC.md``, §6 row named), with the documented default; ``source_stats`` must
+    hold per-class rows (``class_mean``/``class_var``/``class_embedding``) of every class a task
+    classifies."""
+
+    weights_over: str = option("original_and_selected", choices=WEIGHTS_OVER)
+    """Images whose mean softmax gives the class weights w (§6 row 4; the abstract's "the test
+    sample and filtered augmented views"): the original and the selected views, or the selected only."""
+    detach_weights: bool = True
+    """Stop the gradient through w (§1.3 step 1: otherwise moving mass onto the nearest prototype's
+    class is the cheapest way down, the collapse the paper says it prevents)."""
+    top_k_classes: int = option(0, at_least=0)
+    """Align to the k classes of largest w only (their weights not renormalised: the full sum with
+    its smallest terms dropped; §3 step 8's latency knob); 0: every class."""
+    discrimination_weight: float = option(1.0, at_least=0)
+    """γ, the weight of the prototype → text contrastive loss L_PD (§6 row 9); 0: none."""
+    discrimination_tau: float = option(0.01, above=0)
+    """τ of L_PD's cosine logits (§6 row 9: 1 / CLIP's logit scale 100)."""
+    symmetric: bool = False
+    """L_PD as CLIP's symmetric loss: ½ (prototype → text + text → prototype); False: prototype →
+    text only (§1.3 step 3)."""
+    discrimination: str = option("cached", choices=DISCRIMINATION)
+    """When L_PD acts (§3 step 8, the "reusable prototype-discrimination step"): ``cached``:
+    ``discrimination_steps`` AdamW steps of γ·L_PD from the reset state, once per task, give the
+    state every image is reset to (then L_ent + β·L_PA per image); ``joint``: γ·L_PD in every
+    image's loss, its gradient at the reset state computed once per task and reused."""
+    discrimination_steps: int = option(1, at_least=0)
+    """M, the AdamW steps of γ·L_PD in ``cached`` mode (§6 row 10: 1, sweep 1-10), same lr."""
+
+    def __post_init__(self) -> None:
+        self.check_aligned("promptsync")
+
+    def needs_stats(self) -> bool:
+        """The alignment and the discrimination both read the file."""
+        return self.align_weight > 0 or self.discrimination_weight > 0
+
+    def needs_class_rows(self) -> bool:
+        """Both read per-class rows."""
+        return self.needs_stats()

@@ -68,7 +68,7 @@ Deliberate changes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -78,11 +78,23 @@ from vlprompt.methods import maple
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, observed_image_features, read_saved_state, require_images
-from vlprompt.methods.options import MaPLeConfig, PromptAlignConfig
+from vlprompt.methods.options import AlignedMaPLeOptions, MaPLeConfig, PromptAlignConfig
 from vlprompt.methods.source_stats import SourceStats, fingerprint, init_state_part, load_stats
 from vlprompt.methods.test_time import average_entropy, select_confident
 
-__all__ = ["PromptAlign", "alignment_loss", "build", "token_statistics"]
+__all__ = [
+    "PromptAlign",
+    "alignment_loss",
+    "build",
+    "build_prompt",
+    "read_stats",
+    "same_tensors",
+    "select_views",
+    "stats_inputs",
+    "token_statistics",
+    "tune_each",
+    "verify_start",
+]
 
 
 # ---------------------------------------------------------------- the objective
@@ -170,10 +182,7 @@ class PromptAlign(nn.Module):
             for _ in range(self.steps):
                 text = self.text_features(task)
                 if kept is None:
-                    with torch.no_grad():
-                        features = maple.held(self).image_features(images)
-                        logits = cosine_logits(features, text.detach(), self.backbone.logit_scale)
-                    kept = images[select_confident(logits, self.selection_p).to(images.device)]
+                    kept = images[select_views(self, images, text, self.selection_p)[0]]
                 loss = self.loss(task, kept, text)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -191,13 +200,7 @@ class PromptAlign(nn.Module):
                 "method.source_stats is empty: make the file with `python experiments/source_stats.py "
                 "--config CONFIG` and set method.source_stats to it (or align_weight=0: TPT on MaPLe)"
             )
-        params = [p.detach() for p in self.parameters()]
-        if self._verified is not None and all(
-            torch.equal(p, v) for p, v in zip(params, self._verified, strict=True)
-        ):
-            return
-        self.stats.check_init_state(init_state_part(self.learned_state()))
-        self._verified = [p.clone() for p in params]
+        verify_start(self)
 
     def predict(self, batch: Batch) -> Tensor:
         """Logits ``(B, n_cls)`` of the originals; each sample tuned on its own ``Batch.views``.
@@ -205,35 +208,7 @@ class PromptAlign(nn.Module):
         Without views: MaPLe's prediction with the current prompts, no tuning. The prompts (and
         their ``.grad``) are the same after the call as before it, bit for bit.
         """
-        views = getattr(batch, "views", None)
-        if views is None:
-            return maple.held(self).predict(batch)
-        images = require_images("promptalign", batch)
-        if views.dim() != 5 or views.shape[0] != len(batch):
-            raise ValueError(
-                f"promptalign: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
-                f"got {tuple(views.shape)}"
-            )
-        params = list(self.parameters())
-        start = [p.detach().clone() for p in params]
-        grads = [p.grad for p in params]
-        out = []
-        try:
-            for b in range(len(batch)):
-                with torch.no_grad():
-                    for p, s in zip(params, start, strict=True):
-                        p.copy_(s)
-                if self.steps > 0:
-                    device = self.backbone.device
-                    self.adapt(batch.task, torch.cat([images[b : b + 1].to(device), views[b].to(device)]))
-                with torch.no_grad():
-                    out.append(self.logits(batch.task, images[b : b + 1]))
-        finally:
-            with torch.no_grad():
-                for p, s, g in zip(params, start, grads, strict=True):
-                    p.copy_(s)
-                    p.grad = g
-        return torch.cat(out)
+        return tune_each(self, "promptalign", batch, None, self.adapt)
 
     def training_loss(self, batch: Batch) -> Tensor:
         """MaPLe's cross-entropy (the ``test_time`` protocol trains nothing)."""
@@ -245,29 +220,103 @@ class PromptAlign(nn.Module):
 
     def run_inputs(self) -> dict[str, str]:
         """What this run read beyond its options, logged with it: the statistics file and its fingerprint."""
-        if self.stats is None:
-            return {}
-        meta = self.stats.metadata
-        return {
-            "source_stats.file": str(self.stats.file),
-            "source_stats.fingerprint": meta["fingerprint"],
-            "source_stats.source": f"{meta.get('source_dataset')}/{meta.get('source_split')}",
-            "source_stats.images": meta.get("images", ""),
-        }
+        return stats_inputs(self.stats)
+
+
+# ---------------------------------------------------------------- shared with PromptSync
+def select_views(owner: nn.Module, images: Tensor, text: Tensor, selection_p: float) -> tuple[Tensor, Tensor]:
+    """The indices of the confident images (TPT's selection, most confident first) among
+    ``images`` (original first), and the logits ``(N, n_cls)`` it ranked, both without gradients."""
+    with torch.no_grad():
+        features = maple.held(owner).image_features(images)
+        logits = cosine_logits(features, text.detach(), owner.backbone.logit_scale)
+    return select_confident(logits, selection_p).to(images.device), logits
+
+
+def tune_each(
+    owner: nn.Module,
+    name: str,
+    batch: Batch,
+    start: Sequence[Tensor] | None,
+    adapt: Callable[[str, Tensor], object],
+) -> Tensor:
+    """The per-image episode of a MaPLe held by ``owner`` (PromptAlign's and PromptSync's
+    ``predict``): each sample's parameters reset to ``start`` (None: their current values), then
+    ``adapt(task, original + views)`` when ``owner.steps`` > 0, then the original's logits. The
+    parameters and their ``.grad`` are restored after the call, bit for bit. Without
+    ``Batch.views``: MaPLe's prediction with the current prompts, no tuning."""
+    views = getattr(batch, "views", None)
+    if views is None:
+        return maple.held(owner).predict(batch)
+    images = require_images(name, batch)
+    if views.dim() != 5 or views.shape[0] != len(batch):
+        raise ValueError(
+            f"{name}: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
+            f"got {tuple(views.shape)}"
+        )
+    params = list(owner.parameters())
+    saved = [p.detach().clone() for p in params]
+    start = saved if start is None else start
+    grads = [p.grad for p in params]
+    device = owner.backbone.device
+    out = []
+    try:
+        for b in range(len(batch)):
+            with torch.no_grad():
+                for p, s in zip(params, start, strict=True):
+                    p.copy_(s)
+            if owner.steps > 0:
+                adapt(batch.task, torch.cat([images[b : b + 1].to(device), views[b].to(device)]))
+            with torch.no_grad():
+                out.append(owner.logits(batch.task, images[b : b + 1]))
+    finally:
+        with torch.no_grad():
+            for p, s, g in zip(params, saved, grads, strict=True):
+                p.copy_(s)
+                p.grad = g
+    return torch.cat(out)
+
+
+def same_tensors(a: Sequence[Tensor], b: Sequence[Tensor] | None) -> bool:
+    """``a`` and ``b`` hold equal tensors, pairwise (False when ``b`` is None)."""
+    return b is not None and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def verify_start(owner: nn.Module) -> None:
+    """``ValueError`` unless ``owner.stats`` were taken with ``owner``'s current prompts (the state
+    tuning starts from); remembered in ``owner._verified`` until the prompts change."""
+    params = [p.detach() for p in owner.parameters()]
+    if same_tensors(params, owner._verified):
+        return
+    owner.stats.check_init_state(init_state_part(owner.learned_state()))
+    owner._verified = [p.clone() for p in params]
+
+
+def stats_inputs(stats: SourceStats | None) -> dict[str, str]:
+    """The ``run_inputs`` of a statistics file: its path, fingerprint, source and image count."""
+    if stats is None:
+        return {}
+    meta = stats.metadata
+    return {
+        "source_stats.file": str(stats.file),
+        "source_stats.fingerprint": meta["fingerprint"],
+        "source_stats.source": f"{meta.get('source_dataset')}/{meta.get('source_split')}",
+        "source_stats.images": meta.get("images", ""),
+    }
 
 
 # ---------------------------------------------------------------- building it
-def load_init_state(prompt: maple.MaPLe, path: str) -> None:
+def load_init_state(prompt: maple.MaPLe, path: str, name: str = "promptalign") -> None:
     """``prompt.load_state_dict`` from a ``maple`` run's ``learned_state.pt``: the same keys and
-    shapes (n_ctx, depth, the backbone's widths), every error naming the file."""
+    shapes (n_ctx, depth, the backbone's widths), every error naming the file (and method ``name``)."""
     file = Path(path).expanduser()
-    state = read_saved_state(path, "promptalign init_state")
+    state = read_saved_state(path, f"{name} init_state")
     expected = prompt.state_dict()
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"promptalign init_state: {file} is not a learned_state.pt (name -> tensor)")
+        raise ValueError(f"{name} init_state: {file} is not a learned_state.pt (name -> tensor)")
     if set(state) != set(expected):
         raise ValueError(
-            f"promptalign init_state: {file} holds {sorted(state)}, but this MaPLe (n_ctx, "
+            f"{name} init_state: {file} holds {sorted(state)}, but this MaPLe (n_ctx, "
             f"prompt_depth as configured) has {sorted(expected)}; it needs the learned_state.pt of a "
             "maple run with the same n_ctx and prompt_depth"
         )
@@ -278,32 +327,50 @@ def load_init_state(prompt: maple.MaPLe, path: str) -> None:
     ]
     if wrong:
         raise ValueError(
-            f"promptalign init_state: shapes in {file} differ from this MaPLe's ({'; '.join(wrong)}): "
+            f"{name} init_state: shapes in {file} differ from this MaPLe's ({'; '.join(wrong)}): "
             "another backbone, n_ctx or prompt_depth"
         )
     prompt.load_state_dict({k: v.float() for k, v in state.items()})
 
 
-def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptAlignConfig) -> PromptAlign:
-    """MaPLe for ``tasks``, started from ``init_state``, with the source statistics it aligns to."""
+def build_prompt(
+    backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: AlignedMaPLeOptions, name: str
+) -> maple.MaPLe:
+    """MaPLe for ``tasks`` as ``cfg`` says, started from its ``init_state``, the blocks checked."""
     bad = [b for b in cfg.align_layers if b >= backbone.vision_layers]
     if bad:
         raise ValueError(
-            f"promptalign align_layers {cfg.align_layers}: {backbone.name} has image blocks "
+            f"{name} align_layers {cfg.align_layers}: {backbone.name} has image blocks "
             f"0 .. {backbone.vision_layers - 1}"
         )
     options = MaPLeConfig(n_ctx=cfg.n_ctx, prompt_depth=cfg.prompt_depth, ctx_init=cfg.ctx_init)
     prompt = maple.build(backbone, tasks, options)
     if cfg.init_state:
-        load_init_state(prompt, cfg.init_state)
-    stats = None
-    if cfg.source_stats:
-        parts = fingerprint(backbone, None, cfg.align_layers)  # init_state: when tuning starts
-        stats = load_stats(cfg.source_stats, parts, source=cfg.source_statistics().source())
-        tokens = backbone.token_positions("vision") + cfg.n_ctx  # class token, patches, prompts
-        if tuple(stats.mean.shape[1:]) != (tokens, backbone.vision_width):
-            raise ValueError(
-                f"promptalign: source statistics {stats.file} have tokens x width "
-                f"{tuple(stats.mean.shape[1:])}, this model's block inputs {(tokens, backbone.vision_width)}"
-            )
-    return PromptAlign(prompt, cfg, stats)
+        load_init_state(prompt, cfg.init_state, name)
+    return prompt
+
+
+def read_stats(
+    backbone: Backbone, cfg: AlignedMaPLeOptions, name: str, classes: Sequence[str] | None = None
+) -> SourceStats | None:
+    """The statistics file ``cfg.source_stats`` names (None: none), checked for this backbone,
+    the blocks, the source and the block inputs' shape (the starting prompts: when tuning starts);
+    with ``classes``, their per-class rows (each must be in the file)."""
+    if not cfg.source_stats:
+        return None
+    parts = fingerprint(backbone, None, cfg.align_layers)  # init_state: when tuning starts
+    stats = load_stats(cfg.source_stats, parts, source=cfg.source_statistics().source(), classes=classes)
+    tokens = backbone.token_positions("vision") + cfg.n_ctx  # class token, patches, prompts
+    if tuple(stats.mean.shape[1:]) != (tokens, backbone.vision_width):
+        raise ValueError(
+            f"{name}: source statistics {stats.file} have tokens x width "
+            f"{tuple(stats.mean.shape[1:])}, this model's block inputs {(tokens, backbone.vision_width)}"
+        )
+    return stats
+
+
+def build(backbone: Backbone, tasks: Mapping[str, Sequence[str]], cfg: PromptAlignConfig) -> PromptAlign:
+    """MaPLe for ``tasks``, started from ``init_state``, with the source statistics it aligns to."""
+    return PromptAlign(
+        build_prompt(backbone, tasks, cfg, "promptalign"), cfg, read_stats(backbone, cfg, "promptalign")
+    )

@@ -70,10 +70,13 @@ def test_protocol_preset_runs_on_generated_data(preset, tmp_path):
 
 
 @pytest.mark.slow  # about a minute on two cores: 1 + 3 views of every test image of five datasets
-def test_promptalign_preset_runs_with_the_statistics_its_command_makes(tmp_path, capsys):
+@pytest.mark.parametrize("preset", ["promptalign"])  # promptsync: see the note below
+def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, tmp_path, capsys):
+    # promptsync needs per-class rows of every class a run classifies (998 ImageNet names), and
+    # generated stand-ins hold at most 16 classes: its preset cannot run end to end on them yet
     # a test_time preset with one more step: its source statistics, made by the command from the
     # same overrides (ImageNet's generated train split), then the run reads them
-    preset_cfg = load_config("promptalign")
+    preset_cfg = load_config(preset)
     for name in (preset_cfg.data.dataset, *preset_cfg.data.eval_targets):
         vds.generate_dataset(name, tmp_path, num_classes=3, images_per_class=4)
     common = [
@@ -85,10 +88,10 @@ def test_promptalign_preset_runs_with_the_statistics_its_command_makes(tmp_path,
         "sweep.space={}",
         "sweep.metric=test_acc",
     ]
-    assert source_stats.main(["--config", "promptalign", "--out-dir", str(tmp_path / "stats"), *common]) == 0
+    assert source_stats.main(["--config", preset, "--out-dir", str(tmp_path / "stats"), *common]) == 0
     override = capsys.readouterr().out.strip().splitlines()[-1]
     assert override.startswith("method.source_stats=")
-    cfg = resolve_paths(load_config("promptalign", [*common, override]), tmp_path)
+    cfg = resolve_paths(load_config(preset, [*common, override]), tmp_path)
     metrics = run(cfg, WorkerContext(0, 1, torch.device("cpu")), None, None)
     for name in PROTOCOLS[cfg.data.protocol].metrics:
         assert 0.0 <= metrics[name] <= 100.0, name

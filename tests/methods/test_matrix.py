@@ -79,6 +79,10 @@ CASES: dict[str, Case] = {
     # MaPLe n_ctx 2, depth 3: ctx 2 x 512 + proj 512 x 768 + 768, twice more for the deep layers;
     # beta 0 here (no statistics file): the alignment is tested in test_promptalign.py
     "promptalign": Case({"n_views": 7, "selection_p": 0.25, "align_weight": 0.0}, 1_185_024),
+    # beta = gamma = 0 here (no statistics file): the terms are tested in test_promptsync.py
+    "promptsync": Case(
+        {"n_views": 7, "selection_p": 0.25, "align_weight": 0.0, "discrimination_weight": 0.0}, 1_185_024
+    ),
 }
 
 NAMES = sorted(CASES)
