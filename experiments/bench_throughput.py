@@ -34,9 +34,10 @@ Sections (issue 9's benchmark):
   (``train.checkpoint_min_interval_s=0``), and with the default; per checkpoint (Ray Train's
   ``report`` persisting the folder into the sweep's storage), and that the accuracies agree.
 
-* ``test_time`` -- TPT adapting one test image at a time against ``--tta-group`` images per AdamW
-  step (stacked contexts, ``method.images_per_step``): images/s of each and the largest logit
-  difference between them, on a random-init ``--epoch-model``, in this process.
+* ``test_time`` -- TPT, PromptAlign and PromptSync (``--tta-methods``) adapting one test image at
+  a time against ``--tta-group`` images per AdamW step (stacked prompt copies,
+  ``method.images_per_step``): images/s of each and the largest logit difference between them, on
+  a random-init ``--epoch-model``, in this process.
 
 Machines here are shared and noisy: compare the ratios, not the absolute seconds, across runs.
 """
@@ -289,13 +290,14 @@ def checkpoints(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def test_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """TPT adapting one test image at a time against ``--tta-group`` images per AdamW step
-    (``method.images_per_step``, ``methods/test_time.py``): test images per second, and how far the
-    two sets of logits are apart. ``--tta-images`` random images of 224 px with ``--tta-views``
-    views each, ``--tta-classes`` classes, on a random-init ``--epoch-model``, in this process."""
+    """Each of ``--tta-methods`` (TPT, PromptAlign, PromptSync) adapting one test image at a time
+    against ``--tta-group`` images per AdamW step (``method.images_per_step``, ``methods/test_time.py``,
+    ``methods/maple_stacked.py``): test images per second, and how far the two sets of logits are
+    apart. ``--tta-images`` random images with ``--tta-views`` views each, ``--tta-classes``
+    classes, on a random-init ``--epoch-model``, in this process; the aligning methods read
+    statistics made from the same model over one random source image per class."""
     import torch
 
-    from vlprompt.methods import build_method
     from vlprompt.methods.base import Batch
     from vlprompt.methods.clip import load_backbone
 
@@ -304,26 +306,64 @@ def test_time(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backbone = load_backbone(args.epoch_model, None, device=device)
     size = backbone.image_size
     tasks = {"bench": [f"class {i}" for i in range(args.tta_classes)]}
-    images = torch.randn(args.tta_images, 3, size, size)
-    views = torch.randn(args.tta_images, args.tta_views, 3, size, size)
-    batch = Batch("bench", images=images.to(device), views=views.to(device))
+    images = torch.randn(args.tta_images, 3, size, size, device=device)
+    views = torch.randn(args.tta_images, args.tta_views, 3, size, size, device=device)
+    batch = Batch("bench", images=images, views=views)
     out: dict[str, Any] = {"device": device, "model": args.epoch_model, "images": args.tta_images}
-    logits = {}
-    for label, group in (("per_image", 1), ("batched", args.tta_group)):
-        method = build_method("tpt", backbone, tasks, {"n_views": args.tta_views, "images_per_step": group})
-        method.predict(Batch("bench", images=images[:1].to(device), views=views[:1].to(device)))  # warm-up
-        started = time.perf_counter()
-        logits[label] = method.predict(batch).detach().cpu()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out[label] = {
-            "images_per_step": group,
-            "images_per_s": args.tta_images / (time.perf_counter() - started),
+    for name in args.tta_methods:
+        logits, rates = {}, {}
+        for label, group in (("per_image", 1), ("batched", args.tta_group)):
+            method = _tta_method(name, backbone, tasks, group, args, work)
+            method.predict(Batch("bench", images=images[:1], views=views[:1]))  # warm-up, caches
+            started = time.perf_counter()
+            logits[label] = method.predict(batch).detach().cpu()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates[label] = args.tta_images / (time.perf_counter() - started)
+        out[name] = {
+            "images_per_s": {"per_image": rates["per_image"], f"batched_{args.tta_group}": rates["batched"]},
+            "speed_ratio": rates["batched"] / rates["per_image"],
+            "max_abs_logit_difference": float((logits["batched"] - logits["per_image"]).abs().max()),
+            "same_predictions": bool(torch.equal(logits["batched"].argmax(1), logits["per_image"].argmax(1))),
         }
-    out["speed_ratio"] = out["batched"]["images_per_s"] / out["per_image"]["images_per_s"]
-    out["max_abs_logit_difference"] = float((logits["batched"] - logits["per_image"]).abs().max())
-    out["same_predictions"] = bool(torch.equal(logits["batched"].argmax(1), logits["per_image"].argmax(1)))
+        print(f"[bench] test_time {name}: {out[name]}", flush=True)
     return out
+
+
+def _tta_method(
+    name: str, backbone: Any, tasks: dict, group: int, args: argparse.Namespace, work: Path
+) -> Any:
+    """``name`` built for the benchmark, with ``group`` images per step; PromptAlign and PromptSync
+    with statistics of their own starting prompts (made once, reused by the second build)."""
+    import torch
+
+    from vlprompt.methods import build_method, capabilities
+
+    options: dict[str, Any] = {"n_views": args.tta_views, "images_per_step": group}
+    if capabilities(name).source_stats is None:
+        return build_method(name, backbone, tasks, options)
+    torch.manual_seed(0)  # the same starting prompts in every build: the statistics are theirs
+    file = work / f"{name}-stats.safetensors"
+    if not file.exists():
+        _tta_statistics(build_method(name, backbone, tasks, options), len(tasks["bench"]), file)
+    torch.manual_seed(0)
+    return build_method(name, backbone, tasks, {**options, "source_stats": str(file)})
+
+
+def _tta_statistics(method: Any, n_classes: int, file: Path) -> None:
+    """The per-class statistics file of ``method`` over one random source image per class."""
+    import torch
+
+    from vlprompt.methods.source_stats import accumulate, save_stats
+
+    size = method.backbone.image_size
+    labels = torch.arange(n_classes, device=method.backbone.device)
+    batches = [(torch.randn(len(c), 3, size, size, device=labels.device), c) for c in labels.split(32)]
+    tensors, kept = accumulate(method, batches, n_classes, method.align_layers).tensors()
+    source = {"dataset": "imagenet", "split": "train", "images_per_class": 0}
+    names = [f"class {i}" for i in kept.tolist()]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_stats(file, tensors, names, method.stats_fingerprint(), source)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path], dict[str, Any]]] = {
@@ -351,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta-views", type=int, default=63)
     parser.add_argument("--tta-classes", type=int, default=100)
     parser.add_argument("--tta-group", type=int, default=8, help="images per step of the batched run")
+    parser.add_argument("--tta-methods", nargs="+", default=["tpt", "promptalign", "promptsync"])
     parser.add_argument("--k", type=int, default=4, help="cycled views per image in the views section")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")

@@ -201,23 +201,37 @@ def normal_prompts(n_layers: int, n_ctx: int, width: int, device: torch.device) 
     )
 
 
+def per_row(prompt: Tensor, x: Tensor) -> Tensor:
+    """``prompt`` for each of the ``N`` rows of ``x`` ``(N, L, W)``, in ``x``'s dtype: ``(n_ctx, W)``
+    is shared by every row; ``(N, n_ctx, W)`` gives each row its own (test-time methods adapting
+    several images at once, one prompt copy per image)."""
+    prompt = prompt.to(x.dtype)
+    if prompt.dim() == 2:
+        return prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
+    if prompt.shape[0] != x.shape[0]:
+        raise ValueError(f"per-row prompts {tuple(prompt.shape)} for {x.shape[0]} rows")
+    return prompt
+
+
 def text_deep_prompt_hook(deep: Sequence[Tensor]) -> LayerHook | None:
     """Text layer hook: before block ``i`` (1 <= i <= len(deep)) positions ``1 .. n_ctx`` (right after
-    SOS) are replaced by ``deep[i - 1]`` for every prompt; the length is kept, so EOT stays put."""
+    SOS) are replaced by ``deep[i - 1]`` (:func:`per_row`: shared, or one per row -- then the hook
+    must see every row at once, one chunk); the length is kept, so EOT stays put."""
     if not deep:
         return None
 
     def hook(i: int, x: Tensor) -> Tensor:
         if not 1 <= i <= len(deep):
             return x
-        prompt = deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        prompt = per_row(deep[i - 1], x)
         return torch.cat([x[:, :1], prompt, x[:, 1 + prompt.shape[1] :]], dim=1)
 
     return hook
 
 
 def vision_prompt_hooks(prompts: Sequence[Tensor]) -> tuple[EmbedHook | None, LayerHook | None]:
-    """Image-tower hooks for visual prompts ``prompts[0 .. J-1]`` (each ``(n_ctx, W)``).
+    """Image-tower hooks for visual prompts ``prompts[0 .. J-1]`` (each ``(n_ctx, W)``, or
+    ``(N, n_ctx, W)``: one per image, :func:`per_row`).
 
     ``prompts[0]`` is appended after the positional embedding (before ``ln_pre``, no positional
     embedding of its own); before block ``i`` (1 <= i < J) the last ``n_ctx`` tokens -- the
@@ -226,16 +240,13 @@ def vision_prompt_hooks(prompts: Sequence[Tensor]) -> tuple[EmbedHook | None, La
     if not prompts:
         return None, None
 
-    def expand(prompt: Tensor, x: Tensor) -> Tensor:
-        return prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-
     def embed(x: Tensor) -> Tensor:
-        return torch.cat([x, expand(prompts[0], x)], dim=1)
+        return torch.cat([x, per_row(prompts[0], x)], dim=1)
 
     def layer(i: int, x: Tensor) -> Tensor:
         if not 1 <= i < len(prompts):
             return x
-        prompt = expand(prompts[i], x)
+        prompt = per_row(prompts[i], x)
         return torch.cat([x[:, : x.shape[1] - prompt.shape[1]], prompt], dim=1)
 
     return embed, (layer if len(prompts) > 1 else None)

@@ -720,6 +720,11 @@ class AlignedMaPLeOptions:
     """Its split (train: ImageNet val is also a reported test set)."""
     source_images_per_class: int = option(0, at_least=0)
     """At most this many images per class, the first of each in the split's order; 0: all."""
+    images_per_step: int = option(1, at_least=1)
+    """Test images adapted at once, each from the same reset state on its own copy of the prompts
+    (``methods/maple_stacked.py``): the same numbers as one at a time (the reference's batch of one
+    image), in one forward and one AdamW step for all of them. Default 1, the reference's loop: G
+    copies cost G times the text-tower work and memory of one (G x classes prompts)."""
 
     def check_aligned(self, method: str) -> None:
         """The shared checks (fields, selection, blocks), their messages naming ``method``."""
@@ -739,8 +744,9 @@ class AlignedMaPLeOptions:
 
     def test_time_views(self) -> TestTimeViews:
         """The views the ``test_time`` protocol hands the method: crops and flips, no AugMix (the
-        reference's ``AugMixAugmenter`` keeps an empty ``aug_list`` for every dataset)."""
-        return TestTimeViews(self.n_views, augmix=False)
+        reference's ``AugMixAugmenter`` keeps an empty ``aug_list`` for every dataset),
+        ``images_per_step`` test images per ``predict`` call."""
+        return TestTimeViews(self.n_views, augmix=False, images_per_step=self.images_per_step)
 
     def needs_stats(self) -> bool:
         """The run cannot do without the statistics file."""

@@ -62,14 +62,17 @@ Deliberate changes:
   With views, every sample of the batch is tuned independently from the same start.
 * ``training_loss`` is MaPLe's cross-entropy (the ``test_time`` protocol trains nothing; a
   training protocol refuses a method with test-time views).
-* one test image adapted at a time (the reference's batch of one); TPT's ``images_per_step`` is
-  not offered here.
+* ``images_per_step`` > 1 adapts that many test images at once, each on its own copy of the
+  prompts stacked along a new axis (``methods/maple_stacked.py``, ``tune_stacked``): one forward,
+  one backward and one AdamW step for all of them, the same numbers as the reference's batch of one
+  image (tested to 1e-5 in logits). Default 1, the reference's loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -78,12 +81,19 @@ from vlprompt.methods import maple
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, observed_image_features, read_saved_state, require_images
+from vlprompt.methods.maple_stacked import StackedMaPLe
 from vlprompt.methods.options import AlignedMaPLeOptions, MaPLeConfig, PromptAlignConfig
 from vlprompt.methods.source_stats import SourceStats, fingerprint, init_state_part, load_stats
-from vlprompt.methods.test_time import average_entropy, select_confident
+from vlprompt.methods.test_time import (
+    average_entropy_stacked,
+    select_confident,
+    select_confident_stacked,
+    take,
+)
 
 __all__ = [
     "PromptAlign",
+    "Tower",
     "alignment_loss",
     "build",
     "build_prompt",
@@ -93,6 +103,7 @@ __all__ = [
     "stats_inputs",
     "token_statistics",
     "tune_each",
+    "tune_stacked",
     "verify_start",
 ]
 
@@ -100,21 +111,23 @@ __all__ = [
 # ---------------------------------------------------------------- the objective
 def token_statistics(tokens: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and population variance ``(T, W)`` over the images of block-input tokens ``(N, T, W)``
-    (the reference's ``torch.mean(x)`` and ``torch.mean((x − mean)²)`` over the kept views)."""
+    (the reference's ``torch.mean(x)`` and ``torch.mean((x − mean)²)`` over the kept views); with
+    leading axes (G test images adapted at once, ``(G, N, T, W)``) each image's own: ``(G, T, W)``."""
     x = tokens.float()
-    mean = x.mean(dim=0)
-    return mean, (x - mean).square().mean(dim=0)
+    mean = x.mean(dim=-3)
+    return mean, (x - mean.unsqueeze(-3)).square().mean(dim=-3)
 
 
 def alignment_loss(tokens: Sequence[Tensor], source_mean: Tensor, source_var: Tensor) -> Tensor:
     """``Σ_l ½·mean|μ_l − μ̂_l| + ½·mean|σ²_l − σ̂²_l|`` (``distr_align_loss``): ``tokens[l]``
     ``(N, T, W)`` are block ``l``'s inputs over the kept images, ``source_mean``/``source_var``
-    ``(L, T, W)`` the source statistics of the same blocks."""
+    ``(L, T, W)`` the source statistics of the same blocks. ``(G, N, T, W)`` tokens give each
+    image's loss, ``(G,)``."""
     loss = source_mean.new_zeros(())
     for block, x in enumerate(tokens):
         mean, var = token_statistics(x)
-        loss = loss + 0.5 * (mean - source_mean[block]).abs().mean()
-        loss = loss + 0.5 * (var - source_var[block]).abs().mean()
+        loss = loss + 0.5 * (mean - source_mean[block]).abs().mean(dim=(-2, -1))
+        loss = loss + 0.5 * (var - source_var[block]).abs().mean(dim=(-2, -1))
     return loss
 
 
@@ -128,6 +141,7 @@ class PromptAlign(nn.Module):
         self.selection_p = cfg.selection_p
         self.lr = cfg.lr
         self.steps = cfg.steps
+        self.images_per_step = cfg.images_per_step
         self.align_weight = cfg.align_weight
         self.align_layers = tuple(cfg.align_layers)
         self.stats = stats
@@ -140,6 +154,10 @@ class PromptAlign(nn.Module):
     # ------------------------------------------------------------ MaPLe's forward, observed
     def text_features(self, task: str) -> Tensor:
         return maple.held(self).text_features(task)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Image embeddings ``(N, D)`` with the current prompts."""
+        return maple.held(self).image_features(images)
 
     def observe(self, images: Tensor, blocks: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
         """Image embeddings ``(N, D)`` with the current prompts, and the input tokens of ``blocks``."""
@@ -154,17 +172,18 @@ class PromptAlign(nn.Module):
         features = maple.held(self).image_features(images.to(self.backbone.device))
         return cosine_logits(features, self.text_features(task), self.backbone.logit_scale)
 
-    # ------------------------------------------------------------ one test image
-    def loss(self, task: str, images: Tensor, text: Tensor) -> Tensor:
+    # ------------------------------------------------------------ one test image, or G at once
+    def loss(self, tower: Tower, images: Tensor, text: Tensor) -> Tensor:
         """The entropy of the mean prediction of ``images`` (the kept ones) against the class
-        features ``text``, + β · the alignment of their block-input statistics."""
+        features ``text``, + β · the alignment of their block-input statistics, under ``tower``'s
+        prompts (this method's, or G copies': ``(G, k, ...)`` images give ``(G,)`` losses)."""
+        scale = self.backbone.logit_scale
         if self.align_weight == 0:
-            features = maple.held(self).image_features(images)
-            return average_entropy(cosine_logits(features, text, self.backbone.logit_scale))
-        features, tokens = self.observe(images, self.align_layers)
-        logits = cosine_logits(features, text, self.backbone.logit_scale)
+            return average_entropy_stacked(cosine_logits(tower.image_features(images), text, scale))
+        features, tokens = tower.observe(images, self.align_layers)
+        logits = cosine_logits(features, text, scale)
         blocks = [tokens[b] for b in self.align_layers]
-        return average_entropy(logits) + self.align_weight * alignment_loss(
+        return average_entropy_stacked(logits) + self.align_weight * alignment_loss(
             blocks, self.source_mean, self.source_var
         )
 
@@ -174,16 +193,20 @@ class PromptAlign(nn.Module):
         the images selected (without gradients) at the first step. A fresh optimiser each call.
         Returns the loss before each step."""
         self._require_stats()
-        params = [p for p in self.parameters() if p.requires_grad]
+        return self.tune(self, [p for p in self.parameters() if p.requires_grad], task, images)
+
+    def tune(self, tower: Tower, params: Sequence[Tensor], task: str, images: Tensor) -> list[float]:
+        """:meth:`adapt`'s steps on ``params``, the tensors ``tower``'s prompts are made of: this
+        method's own, or the stacked copies of G images (``images`` ``(G, 1 + V, ...)``)."""
         optimizer = torch.optim.AdamW(params, lr=self.lr)
         kept: Tensor | None = None
         losses = []
         with torch.enable_grad():
             for _ in range(self.steps):
-                text = self.text_features(task)
+                text = tower.text_features(task)
                 if kept is None:
-                    kept = images[select_views(self, images, text, self.selection_p)[0]]
-                loss = self.loss(task, kept, text)
+                    kept = take(images, select_views(tower, images, text, self.selection_p)[0])
+                loss = self.loss(tower, kept, text).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -208,7 +231,9 @@ class PromptAlign(nn.Module):
         Without views: MaPLe's prediction with the current prompts, no tuning. The prompts (and
         their ``.grad``) are the same after the call as before it, bit for bit.
         """
-        return tune_each(self, "promptalign", batch, None, self.adapt)
+        if getattr(batch, "views", None) is not None and self.steps > 0:
+            self._require_stats()  # before G images are stacked: adapt checks one image alone
+        return tune_each(self, "promptalign", batch, None)
 
     def training_loss(self, batch: Batch) -> Tensor:
         """MaPLe's cross-entropy (the ``test_time`` protocol trains nothing)."""
@@ -224,27 +249,37 @@ class PromptAlign(nn.Module):
 
 
 # ---------------------------------------------------------------- shared with PromptSync
-def select_views(owner: nn.Module, images: Tensor, text: Tensor, selection_p: float) -> tuple[Tensor, Tensor]:
+class Tower(Protocol):
+    """The prompted forward a test image is tuned through: the method's own MaPLe prompts
+    (PromptAlign, PromptSync), or the stacked copies of G images adapted at once
+    (:class:`~vlprompt.methods.maple_stacked.StackedMaPLe`, every output with a leading G)."""
+
+    backbone: Backbone
+
+    def text_features(self, task: str) -> Tensor: ...
+
+    def image_features(self, images: Tensor) -> Tensor: ...
+
+    def observe(self, images: Tensor, blocks: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]: ...
+
+
+def select_views(tower: Tower, images: Tensor, text: Tensor, selection_p: float) -> tuple[Tensor, Tensor]:
     """The indices of the confident images (TPT's selection, most confident first) among
-    ``images`` (original first), and the logits ``(N, n_cls)`` it ranked, both without gradients."""
+    ``images`` (original first), and the logits ``(N, n_cls)`` it ranked, both without gradients;
+    for G images' ``(G, N, ...)``, each image's own: ``(G, k)`` and ``(G, N, n_cls)``."""
     with torch.no_grad():
-        features = maple.held(owner).image_features(images)
-        logits = cosine_logits(features, text.detach(), owner.backbone.logit_scale)
-    return select_confident(logits, selection_p).to(images.device), logits
+        logits = cosine_logits(tower.image_features(images), text.detach(), tower.backbone.logit_scale)
+    select = select_confident if logits.dim() == 2 else select_confident_stacked
+    return select(logits, selection_p).to(images.device), logits
 
 
-def tune_each(
-    owner: nn.Module,
-    name: str,
-    batch: Batch,
-    start: Sequence[Tensor] | None,
-    adapt: Callable[[str, Tensor], object],
-) -> Tensor:
+def tune_each(owner: nn.Module, name: str, batch: Batch, start: Sequence[Tensor] | None) -> Tensor:
     """The per-image episode of a MaPLe held by ``owner`` (PromptAlign's and PromptSync's
     ``predict``): each sample's parameters reset to ``start`` (None: their current values), then
-    ``adapt(task, original + views)`` when ``owner.steps`` > 0, then the original's logits. The
-    parameters and their ``.grad`` are restored after the call, bit for bit. Without
-    ``Batch.views``: MaPLe's prediction with the current prompts, no tuning."""
+    ``owner.adapt(task, original + views)`` when ``owner.steps`` > 0, then the original's logits. The
+    parameters and their ``.grad`` are restored after the call, bit for bit. With
+    ``owner.images_per_step`` > 1, :func:`tune_stacked` runs the same episodes that many at once.
+    Without ``Batch.views``: MaPLe's prediction with the current prompts, no tuning."""
     views = getattr(batch, "views", None)
     if views is None:
         return maple.held(owner).predict(batch)
@@ -254,6 +289,8 @@ def tune_each(
             f"{name}: Batch.views must be (B, V, C, H, W) with B = {len(batch)} samples, "
             f"got {tuple(views.shape)}"
         )
+    if owner.images_per_step > 1:
+        return tune_stacked(owner, batch.task, images, views, start)
     params = list(owner.parameters())
     saved = [p.detach().clone() for p in params]
     start = saved if start is None else start
@@ -266,7 +303,7 @@ def tune_each(
                 for p, s in zip(params, start, strict=True):
                     p.copy_(s)
             if owner.steps > 0:
-                adapt(batch.task, torch.cat([images[b : b + 1].to(device), views[b].to(device)]))
+                owner.adapt(batch.task, torch.cat([images[b : b + 1].to(device), views[b].to(device)]))
             with torch.no_grad():
                 out.append(owner.logits(batch.task, images[b : b + 1]))
     finally:
@@ -274,6 +311,30 @@ def tune_each(
             for p, s, g in zip(params, saved, grads, strict=True):
                 p.copy_(s)
                 p.grad = g
+    return torch.cat(out)
+
+
+def tune_stacked(
+    owner: nn.Module, task: str, images: Tensor, views: Tensor, start: Sequence[Tensor] | None
+) -> Tensor:
+    """:func:`tune_each`'s episodes, ``owner.images_per_step`` test images at a time: each group's
+    start state stacked into one copy per image (:class:`StackedMaPLe`), tuned by ``owner.tune``
+    in one forward and one AdamW step per step, then each original classified under its own copy.
+    The same numbers as one image at a time (``methods/test_time.py``); ``owner``'s tensors are
+    never touched."""
+    names = [name for name, _ in owner.named_parameters()]
+    state = dict(zip(names, start or [p.detach() for p in owner.parameters()], strict=True))
+    device, scale = owner.backbone.device, owner.backbone.logit_scale
+    out = []
+    for lo in range(0, len(images), owner.images_per_step):
+        hi = min(lo + owner.images_per_step, len(images))
+        group = torch.cat([images[lo:hi, None].to(device), views[lo:hi].to(device)], dim=1)
+        copies = StackedMaPLe(maple.held(owner), state, hi - lo)
+        if owner.steps > 0:
+            owner.tune(copies, copies.leaves(), task, group)
+        with torch.no_grad():
+            logits = cosine_logits(copies.image_features(group[:, :1]), copies.text_features(task), scale)
+        out.append(logits[:, 0])
     return torch.cat(out)
 
 

@@ -39,7 +39,9 @@ Deliberate changes (beyond PromptAlign's, which all hold here): the cached P₀*
 reset state -- the statistics are still checked against P₀, the prompts they were made with;
 ``predict`` without views does no tuning and uses the current prompts (not P₀*); the L_PA of C
 classes is computed in chunks of classes (the same sum, bounded memory); ``top_k_classes`` drops the
-smallest terms without renormalising the kept weights. Trainable per image on ViT-B/16 (depth 3,
+smallest terms without renormalising the kept weights; ``images_per_step`` test images may be
+adapted at once, as PromptAlign's (every term is computed per image copy: the weights, the
+distances, the cached gradient added to each copy). Trainable per image on ViT-B/16 (depth 3,
 2 ctx): 1,185,024.
 """
 
@@ -57,6 +59,7 @@ from vlprompt.methods.clip import Backbone
 from vlprompt.methods.common import cosine_logits, observed_image_features
 from vlprompt.methods.options import PromptSyncConfig
 from vlprompt.methods.promptalign import (
+    Tower,
     build_prompt,
     read_stats,
     same_tensors,
@@ -67,7 +70,7 @@ from vlprompt.methods.promptalign import (
     verify_start,
 )
 from vlprompt.methods.source_stats import SourceStats, fingerprint
-from vlprompt.methods.test_time import average_entropy
+from vlprompt.methods.test_time import average_entropy_stacked, take
 
 __all__ = ["PromptSync", "build", "class_distances", "discrimination_loss", "prototype_alignment_loss"]
 
@@ -78,40 +81,50 @@ CHUNK = 64  # classes per chunk of the L_PA distances
 def class_distances(tokens: Sequence[Tensor], class_mean: Tensor, class_var: Tensor) -> Tensor:
     """``D_c = Σ_l ½·mean|μ_l − μ̂_{l,c}| + ½·mean|σ²_l − σ̂²_{l,c}|`` for every class: ``(C,)``.
     ``tokens[l]`` ``(N, T, W)``: block ``l``'s inputs over the kept images; ``class_mean`` /
-    ``class_var`` ``(C, L, T, W)``. Chunked over classes: C = 1000 is 1.2 G values."""
+    ``class_var`` ``(C, L, T, W)``. Chunked over classes: C = 1000 is 1.2 G values. G images
+    adapted at once: ``(G, N, T, W)`` tokens give ``(G, C)``, against shared ``(C, L, T, W)`` rows or
+    each image's own ``(G, C, L, T, W)`` (its top-k classes)."""
     stats = [token_statistics(x) for x in tokens]
     out = []
-    for lo in range(0, class_mean.shape[0], CHUNK):
-        mean_c, var_c = class_mean[lo : lo + CHUNK], class_var[lo : lo + CHUNK]
-        d = class_mean.new_zeros(mean_c.shape[0])
+    for lo in range(0, class_mean.shape[-4], CHUNK):
+        mean_c, var_c = class_mean[..., lo : lo + CHUNK, :, :, :], class_var[..., lo : lo + CHUNK, :, :, :]
+        d = class_mean.new_zeros(())
         for block, (mean, var) in enumerate(stats):
-            d = d + 0.5 * (mean - mean_c[:, block]).abs().mean(dim=(-2, -1))
-            d = d + 0.5 * (var - var_c[:, block]).abs().mean(dim=(-2, -1))
+            d = d + 0.5 * (mean.unsqueeze(-3) - mean_c[..., block, :, :]).abs().mean(dim=(-2, -1))
+            d = d + 0.5 * (var.unsqueeze(-3) - var_c[..., block, :, :]).abs().mean(dim=(-2, -1))
         out.append(d)
-    return torch.cat(out)
+    return torch.cat(out, dim=-1)
 
 
 def prototype_alignment_loss(
     tokens: Sequence[Tensor], class_mean: Tensor, class_var: Tensor, weights: Tensor, top_k: int = 0
 ) -> Tensor:
     """``L_PA = Σ_c w_c · D_c`` (:func:`class_distances`); with ``top_k`` > 0 over the ``top_k``
-    classes of largest ``w`` only (their weights as they are)."""
-    if 0 < top_k < weights.shape[0]:
-        index = weights.detach().topk(top_k).indices
-        class_mean, class_var, weights = class_mean[index], class_var[index], weights[index]
-    return (weights * class_distances(tokens, class_mean, class_var)).sum()
+    classes of largest ``w`` only (their weights as they are). ``weights`` ``(G, C)`` and ``(G, N,
+    T, W)`` tokens: each of G images' own, ``(G,)``."""
+    if 0 < top_k < weights.shape[-1]:
+        index = weights.detach().topk(top_k, dim=-1).indices
+        class_mean, class_var, weights = class_mean[index], class_var[index], weights.gather(-1, index)
+    return (weights * class_distances(tokens, class_mean, class_var)).sum(dim=-1)
 
 
 def discrimination_loss(prototypes: Tensor, text: Tensor, tau: float, symmetric: bool = False) -> Tensor:
     """``L_PD``: the cross-entropy of each class prototype ``(C, D)`` against the class features
     ``text`` ``(C, D)``, cosine / τ, its own class the target, mean over classes; ``symmetric``:
-    CLIP's ½ (prototype → text + text → prototype)."""
-    logits = F.normalize(prototypes, dim=-1) @ F.normalize(text, dim=-1).T / tau
-    target = torch.arange(logits.shape[0], device=logits.device)
-    loss = F.cross_entropy(logits, target)
+    CLIP's ½ (prototype → text + text → prototype). ``(G, C, D)`` text (G prompt copies): ``(G,)``."""
+    logits = F.normalize(prototypes, dim=-1) @ F.normalize(text, dim=-1).mT / tau
+    loss = _mean_cross_entropy(logits)
     if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+        loss = 0.5 * (loss + _mean_cross_entropy(logits.mT))
     return loss
+
+
+def _mean_cross_entropy(logits: Tensor) -> Tensor:
+    """The mean over rows of the cross-entropy of row ``c`` of ``logits`` ``(..., C, C)`` for class ``c``."""
+    n = logits.shape[-1]
+    target = torch.arange(n, device=logits.device).repeat(logits[..., 0, 0].numel())
+    rows = F.cross_entropy(logits.reshape(-1, n), target, reduction="none")
+    return rows.view(logits.shape[:-1]).mean(dim=-1)
 
 
 # ---------------------------------------------------------------- the method
@@ -129,6 +142,7 @@ class PromptSync(nn.Module):
         maple.hold(self, prompt)
         self.cfg = cfg
         self.steps = cfg.steps
+        self.images_per_step = cfg.images_per_step
         self.align_layers = tuple(cfg.align_layers)
         self.stats = stats
         self._verified: list[Tensor] | None = None
@@ -148,6 +162,10 @@ class PromptSync(nn.Module):
     def text_features(self, task: str) -> Tensor:
         return maple.held(self).text_features(task)
 
+    def image_features(self, images: Tensor) -> Tensor:
+        """Image embeddings ``(N, D)`` with the current prompts."""
+        return maple.held(self).image_features(images)
+
     def observe(self, images: Tensor, blocks: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
         """Image embeddings ``(N, D)`` with the current prompts, and the input tokens of ``blocks``."""
         return observed_image_features(self.backbone, maple.held(self).vision_prompts(), images, blocks)
@@ -162,67 +180,90 @@ class PromptSync(nn.Module):
         return cosine_logits(features, self.text_features(task), self.backbone.logit_scale)
 
     # ------------------------------------------------------------ the terms
-    def class_weights(self, original: Tensor | None, kept_logits: Tensor, text: Tensor) -> Tensor:
-        """``w`` ``(C,)``: the mean softmax over the kept images' logits, and the original's
-        (``original`` None: it is among the kept) when ``weights_over`` says so; detached by default."""
-        rows = kept_logits
-        if self.cfg.weights_over == "original_and_selected" and original is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.detach_weights):
-                features = maple.held(self).image_features(original)
-                rows = torch.cat([cosine_logits(features, text, self.backbone.logit_scale), rows])
-        w = rows.softmax(dim=-1).mean(dim=0)
+    def class_weights(
+        self, kept_logits: Tensor, original_logits: Tensor | None = None, add_original: Tensor | None = None
+    ) -> Tensor:
+        """``w`` ``(..., C)``: the mean softmax over the kept images' logits ``(..., k, C)`` -- and over
+        the original's ``(..., C)`` too where ``add_original`` ``(...)`` is True (it is not among the
+        kept); detached by default."""
+        p = kept_logits.softmax(dim=-1)
+        total, count = p.sum(dim=-2), p.new_full((), p.shape[-2])
+        if original_logits is not None:
+            add = add_original.to(p.dtype).unsqueeze(-1)
+            total, count = total + add * original_logits.softmax(dim=-1), count + add
+        w = total / count
         return w.detach() if self.cfg.detach_weights else w
 
+    def weights(self, tower: Tower, images: Tensor, index: Tensor, logits: Tensor, text: Tensor) -> Tensor:
+        """:meth:`class_weights` of one test image (``images`` original first, ``index`` the kept,
+        ``logits`` theirs),
+        or of G at once (``(G, 1 + V, ...)``, ``(G, k)``): ``weights_over`` says whether the original
+        counts, and it is added only where the selection did not keep it already."""
+        add = ~(index == 0).any(dim=-1)
+        if self.cfg.weights_over != "original_and_selected" or not bool(add.any()):
+            return self.class_weights(logits)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.detach_weights):
+            features = tower.image_features(images[..., :1, :, :, :])
+            original = cosine_logits(features, text, self.backbone.logit_scale)[..., 0, :]
+        return self.class_weights(logits, original, add)
+
     def discrimination(self, task: str, text: Tensor) -> Tensor:
-        """``L_PD`` of ``task``'s prototypes against its class features ``text``."""
+        """``L_PD`` of ``task``'s prototypes against its class features ``text`` (``(G, C, D)``: ``(G,)``)."""
         return discrimination_loss(
             self.prototypes[task][2], text, self.cfg.discrimination_tau, self.cfg.symmetric
         )
 
-    def loss(self, task: str, original: Tensor | None, kept: Tensor, text: Tensor) -> Tensor:
-        """``L_ent + β·L_PA`` of the kept images (``original``: for the weights, None if kept)."""
+    def loss(self, tower: Tower, task: str, images: Tensor, index: Tensor, text: Tensor) -> Tensor:
+        """``L_ent + β·L_PA`` of the kept images ``index`` of ``images`` (original first), under
+        ``tower``'s prompts (this method's, or G copies': ``(G, 1 + V, ...)`` images give ``(G,)``)."""
         scale = self.backbone.logit_scale
+        kept = take(images, index)
         if self.cfg.align_weight == 0:
-            return average_entropy(cosine_logits(maple.held(self).image_features(kept), text, scale))
-        features, tokens = self.observe(kept, self.align_layers)
+            return average_entropy_stacked(cosine_logits(tower.image_features(kept), text, scale))
+        features, tokens = tower.observe(kept, self.align_layers)
         logits = cosine_logits(features, text, scale)
         mean, var, _ = self.prototypes[task]
         align = prototype_alignment_loss(
             [tokens[b] for b in self.align_layers],
             mean,
             var,
-            self.class_weights(original, logits, text),
+            self.weights(tower, images, index, logits, text),
             self.cfg.top_k_classes,
         )
-        return average_entropy(logits) + self.cfg.align_weight * align
+        return average_entropy_stacked(logits) + self.cfg.align_weight * align
 
-    # ------------------------------------------------------------ one test image
+    # ------------------------------------------------------------ one test image, or G at once
     def adapt(self, task: str, images: Tensor) -> list[float]:
         """Tune the prompts in place, from their current values, on one test image's ``images``
         ``(1 + V, C, H, W)`` (original first): ``steps`` AdamW steps of ``L_ent + β·L_PA``
         (+ γ·L_PD in ``joint`` mode, its first-step gradient the task's cached one). A fresh
         optimiser each call. Returns the loss before each step."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        return self.tune(self, [p for p in self.parameters() if p.requires_grad], task, images)
+
+    def tune(self, tower: Tower, params: Sequence[Tensor], task: str, images: Tensor) -> list[float]:
+        """:meth:`adapt`'s steps on ``params``, the tensors ``tower``'s prompts are made of: this
+        method's own, or the stacked copies of G images (``images`` ``(G, 1 + V, ...)``; the
+        losses are summed over them, the cached γ·L_PD gradient added to each copy's)."""
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr)
         joint = self.cfg.discrimination == "joint" and self.cfg.discrimination_weight > 0
-        gamma = self.cfg.discrimination_weight
-        original, kept, losses = None, None, []
+        gamma, copies = self.cfg.discrimination_weight, images.shape[0] if images.dim() == 5 else 1
+        index, losses = None, []
         with torch.enable_grad():
             for step in range(self.steps):
-                text = self.text_features(task)
-                if kept is None:
-                    index, _ = select_views(self, images, text, self.cfg.selection_p)
-                    kept, original = images[index], None if bool((index == 0).any()) else images[:1]
-                loss = self.loss(task, original, kept, text)
+                text = tower.text_features(task)
+                if index is None:
+                    index, _ = select_views(tower, images, text, self.cfg.selection_p)
+                loss = self.loss(tower, task, images, index, text)
                 if joint and step > 0:
                     loss = loss + gamma * self.discrimination(task, text)
+                loss = loss.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 value = float(loss.detach())
                 if joint and step == 0:
                     _, grads, pd = self._cached(task, self._discrimination_gradient)
                     add_gradients(params, grads)
-                    value += pd
+                    value += copies * pd
                 optimizer.step()
                 losses.append(value)
         return losses
@@ -296,7 +337,7 @@ class PromptSync(nn.Module):
         if getattr(batch, "views", None) is None:
             return maple.held(self).predict(batch)
         self._require_stats()
-        return tune_each(self, "promptsync", batch, self.discriminated_start(batch.task), self.adapt)
+        return tune_each(self, "promptsync", batch, self.discriminated_start(batch.task))
 
     def training_loss(self, batch: Batch) -> Tensor:
         """MaPLe's cross-entropy (the ``test_time`` protocol trains nothing)."""
@@ -312,9 +353,10 @@ class PromptSync(nn.Module):
 
 
 def add_gradients(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """``p.grad += g`` for each pair (``p.grad`` None counts as 0)."""
+    """``p.grad += g`` for each pair (``p.grad`` None counts as 0); ``g`` is broadcast over the
+    leading axis of stacked copies (every copy starts where the gradient was taken)."""
     for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone() if p.grad is None else p.grad + g
+        p.grad = g.expand_as(p).clone() if p.grad is None else p.grad + g
 
 
 # ---------------------------------------------------------------- building it

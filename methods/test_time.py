@@ -53,9 +53,10 @@ def average_entropy(logits: Tensor) -> Tensor:
 
 
 def average_entropy_stacked(logits: Tensor) -> Tensor:
-    """:func:`average_entropy` of each image's rows of ``logits`` ``(G, N, C)``: ``(G,)``."""
+    """:func:`average_entropy` of each image's rows of ``logits`` ``(G, N, C)``: ``(G,)`` (any
+    leading axes: ``(N, C)`` gives the one image's entropy, ``()``)."""
     log_p = logits.float().log_softmax(dim=-1)
-    log_mean = torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
+    log_mean = torch.logsumexp(log_p, dim=-2) - math.log(log_p.shape[-2])
     log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
     return -(log_mean.exp() * log_mean).sum(dim=-1)
 
@@ -63,6 +64,14 @@ def average_entropy_stacked(logits: Tensor) -> Tensor:
 def pick(logits: Tensor, index: Tensor) -> Tensor:
     """Rows ``index`` ``(G, k)`` of each image's logits ``(G, N, C)``: ``(G, k, C)``."""
     return torch.gather(logits, 1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+def take(images: Tensor, index: Tensor) -> Tensor:
+    """Images ``index`` of one image's ``(N, ...)`` (``index`` ``(k,)``), or of each of G images'
+    ``(G, N, ...)`` (``index`` ``(G, k)``): ``(k, ...)`` / ``(G, k, ...)``."""
+    if index.dim() == 1:
+        return images[index]
+    return images[torch.arange(index.shape[0], device=index.device)[:, None], index]
 
 
 def stacked_copies(start: Tensor, copies: int) -> Tensor:

@@ -15,6 +15,7 @@ from vlprompt.methods import METHODS, build_method, capabilities, options
 from vlprompt.methods.base import Batch
 from vlprompt.methods.clip import Backbone
 from vlprompt.methods.maple import MaPLe
+from vlprompt.methods.maple_stacked import StackedMaPLe
 from vlprompt.methods.promptalign import PromptAlign, PromptAlignConfig, alignment_loss, token_statistics
 from vlprompt.methods.source_stats import Accumulator, accumulate, load_stats, save_stats
 from vlprompt.methods.stats_file import MAKE_COMMAND
@@ -151,6 +152,59 @@ def test_predict_resets_and_leaks_nothing_between_images(
     assert torch.equal(method.predict(second), alone)  # the 2nd image's result is independent of the 1st
     both = method.predict(Batch("pets", images=images[:2], views=views[:2]))
     torch.testing.assert_close(both[1:], alone, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- many images at once
+def assert_same_as_one_at_a_time(alone: torch.nn.Module, together: torch.nn.Module, batch: Batch) -> None:
+    """``together`` (``images_per_step`` > 1, the same start state) predicts what ``alone`` does one
+    image at a time, leaves its own state untouched, and has tuned (its logits are not MaPLe's)."""
+    together.load_state_dict(alone.state_dict())
+    start = {k: v.clone() for k, v in together.state_dict().items()}
+    expected, got = alone.predict(batch), together.predict(batch)
+    assert all(torch.equal(v, start[k]) for k, v in together.state_dict().items())
+    assert all(p.grad is None for p in together.parameters())
+    assert float((got - together.maple.predict(Batch(batch.task, images=batch.images))).abs().max()) > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # logits are 100 x cosine
+    # the objective itself, step by step (Adam's first step is lr * sign(g): blind to its scale):
+    # the stacked loss is the sum of the images' own
+    group = torch.cat([batch.images[:, None], batch.views], dim=1)
+    copies = StackedMaPLe(together.maple, dict(together.named_parameters()), len(group))
+    stacked = together.tune(copies, copies.leaves(), batch.task, group)
+    per_image = []
+    for g in range(len(group)):
+        alone.load_state_dict(start)
+        per_image.append(alone.adapt(batch.task, group[g]))
+    alone.load_state_dict(start)
+    torch.testing.assert_close(torch.tensor(stacked), torch.tensor(per_image).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("align", [0.0, 100 / 3], ids=["tpt-on-maple", "aligned"])
+def test_images_adapted_together_equal_one_at_a_time(
+    tiny: Backbone,
+    images: Tensor,
+    views: Tensor,
+    source_images: tuple[Tensor, Tensor],
+    tmp_path: Path,
+    align: float,
+) -> None:
+    file = str(make_stats(promptalign(tiny), source_images, tmp_path / "stats.safetensors")) if align else ""
+    opts = {"align_weight": align, "steps": 2, "lr": 0.01, "source_stats": file}
+    together = promptalign(tiny, images_per_step=4, **opts)  # six images: groups of 4 and 2
+    assert_same_as_one_at_a_time(
+        promptalign(tiny, **opts), together, Batch("pets", images=images, views=views)
+    )
+
+
+def test_an_image_adapted_with_others_does_not_depend_on_them(
+    tiny: Backbone, images: Tensor, views: Tensor
+) -> None:
+    method = promptalign(tiny, align_weight=0.0, images_per_step=3, steps=2)
+    full = method.predict(Batch("pets", images=images[:3], views=views[:3]))
+    other = views[:3].clone()
+    other[0] = torch.randn_like(other[0])  # image 0's views only
+    swapped = method.predict(Batch("pets", images=images[:3], views=other))
+    torch.testing.assert_close(swapped[1:], full[1:], rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(swapped[0], full[0], atol=1e-3)
 
 
 # ---------------------------------------------------------------- with the statistics

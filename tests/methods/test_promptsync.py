@@ -26,7 +26,7 @@ from vlprompt.methods.promptsync import (
 )
 from vlprompt.methods.stats_file import MAKE_COMMAND
 
-from .test_promptalign import make_stats, promptalign
+from .test_promptalign import assert_same_as_one_at_a_time, make_stats, promptalign
 
 V = 7
 HAVE = ["cat", "dog", "car", "x"]  # the classes the statistics file has rows for ('tree' has none)
@@ -96,15 +96,25 @@ def test_class_weights_by_hand(tiny: Backbone, images: Tensor, stats_file: Path)
     with torch.no_grad():
         kept_logits = method.logits("pets", images[1:3])
         original = method.logits("pets", images[:1])
-    w = method.class_weights(images[:1], kept_logits, text)
+    w = method.weights(method, images[:3], torch.tensor([1, 2]), kept_logits, text)
     expected = torch.cat([original, kept_logits]).softmax(-1).mean(0)  # 3 images: {x} ∪ S
     torch.testing.assert_close(w, expected)
     assert not w.requires_grad
     assert float(w.sum()) == pytest.approx(1.0)
-    torch.testing.assert_close(method.class_weights(None, kept_logits, text), kept_logits.softmax(-1).mean(0))
+    only_kept = kept_logits.softmax(-1).mean(0)
+    torch.testing.assert_close(method.class_weights(kept_logits), only_kept)
+    # the original is not counted twice where the selection kept it
+    torch.testing.assert_close(
+        method.weights(method, images[:3], torch.tensor([0, 2]), kept_logits, text), only_kept
+    )
+    # G images at once: each its own weights, the original added only where it was not kept
+    both = method.class_weights(
+        torch.stack([kept_logits, kept_logits]), torch.cat([original, original]), torch.tensor([True, False])
+    )
+    torch.testing.assert_close(both, torch.stack([expected, only_kept]))
     selected = promptsync(tiny, source_stats=str(stats_file), weights_over="selected", detach_weights=False)
     logits = selected.logits("pets", images[1:3])
-    w = selected.class_weights(images[:1], logits, selected.text_features("pets"))
+    w = selected.weights(selected, images[:3], torch.tensor([1, 2]), logits, selected.text_features("pets"))
     torch.testing.assert_close(w, logits.softmax(-1).mean(0))
     assert w.requires_grad  # the gradient flows through w
 
@@ -215,6 +225,24 @@ def test_cached_discrimination_is_the_recomputed_reset_state(
     with torch.no_grad():
         next(method.parameters()).add_(0.1)  # other starting prompts: recomputed
     assert method.discriminated_start("pets") is not cached
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"discrimination": "cached"},
+        {"discrimination": "joint"},
+        {"discrimination": "joint", "top_k_classes": 2, "weights_over": "selected", "symmetric": True},
+    ],
+    ids=["cached", "joint", "joint-top2-selected-symmetric"],
+)
+def test_images_adapted_together_equal_one_at_a_time(
+    tiny: Backbone, images: Tensor, views: Tensor, stats_file: Path, opts: dict
+) -> None:
+    opts = {"source_stats": str(stats_file), "steps": 2, "lr": 0.01, **opts}
+    together = promptsync(tiny, images_per_step=4, **opts)  # four images: one group, then the rest
+    batch = Batch("pets", images=images, views=torch.cat([views, views[:2]]))
+    assert_same_as_one_at_a_time(promptsync(tiny, **opts), together, batch)
 
 
 def test_predict_resets_and_leaks_nothing_between_images(

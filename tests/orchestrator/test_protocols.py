@@ -170,6 +170,16 @@ def test_tpt_without_a_step_is_zero_shot_and_with_steps_is_reproducible(tmp_path
     assert together["test_acc"] == first["test_acc"]  # four images per predict call, same answers
 
 
+def test_maple_test_time_methods_give_the_same_answers_images_at_once(tmp_path):
+    # PromptSync as TPT on MaPLe (no statistics: β = γ = 0; PromptAlign's episode and batching are
+    # the same code), one image per predict call against three
+    method = ("method.name=promptsync", "method.n_views=5", "method.selection_p=0.34")
+    method = (*method, "method.align_weight=0", "method.discrimination_weight=0")
+    alone = _run(_cfg(tmp_path, "data.protocol=test_time", method=method))
+    together = _run(_cfg(tmp_path, "data.protocol=test_time", method=(*method, "method.images_per_step=3")))
+    assert together["test_acc"] == alone["test_acc"]
+
+
 def test_test_time_refuses_a_method_it_would_leave_untrained(tmp_path):
     with pytest.raises(ValueError, match="untrained"):
         _run(_cfg(tmp_path, "data.protocol=test_time"))
