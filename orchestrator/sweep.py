@@ -143,16 +143,28 @@ def run_sweep(cfg: DictConfig, *, resume: bool | str = False, launch_dir: Path |
     started, launched_ms = time.perf_counter(), int(time.time() * 1000)
     grid = _fit(tuner, outcome, storage)
     outcome.wall_s = time.perf_counter() - started
+    slots = min(plan.max_concurrent_trials, len(bundles) if points else num_configs)
+    try:
+        _wrap_up(cfg, outcome, grid, launched_ms, slots)
+    except Exception as err:  # the runs are safe in MLflow; the sweep's own run must not stay RUNNING
+        tracking.finish_run(uri, parent, err)
+        sweep_record.set_state(storage, outcome.name, "failed")
+        raise
+    return outcome
+
+
+def _wrap_up(cfg: DictConfig, outcome: SweepOutcome, grid: Any, launched_ms: int, slots: int) -> None:
+    """After Tune: the rows read back from the child runs, and -- unless interrupted -- the
+    overhead, the results table and the parent run's metrics and end."""
+    uri, experiment_id, parent = outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id
     if outcome.interrupted is None:
         _close_stopped_trials(outcome, grid)
     children = tracking.sweep_children(uri, experiment_id, parent)
     outcome.rows = _rows(list(grid), children)
     if outcome.interrupted is not None:
-        return outcome
-    slots = min(plan.max_concurrent_trials, len(bundles) if points else num_configs)
+        return
     outcome.overhead_per_configuration_s = slot_overhead(children, launched_ms, outcome.wall_s, slots)
     _finish_parent(cfg, outcome)
-    return outcome
 
 
 def _fit(tuner: Any, outcome: SweepOutcome, storage: Path) -> Any:

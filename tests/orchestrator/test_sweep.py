@@ -8,12 +8,14 @@ run must say which trial failed — nothing left RUNNING. What can be found befo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from vlprompt import datasets as vds
+from vlprompt.orchestrator import results
 from vlprompt.orchestrator.config import ConfigError, load_config
 from vlprompt.orchestrator.sweep import run_sweep
 
@@ -28,7 +30,7 @@ def _corrupt_one_test_image(root: Path, name: str) -> str:
     return bad
 
 
-def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
+def test_sweep_tracks_success_and_failure(local_ray, tmp_path, monkeypatch):
     bad_image = _corrupt_one_test_image(tmp_path / "data", "sw_counting")
     cfg = load_config(
         UNIT,
@@ -82,6 +84,19 @@ def test_sweep_tracks_success_and_failure(local_ray, tmp_path):
     assert again_failed.info.run_id == bad.info.run_id and again_failed.data.tags["restarts"] == "1"
     assert bad_image in again_failed.data.tags["error"]
     assert client.get_run(outcome.parent_run_id).data.tags["launch"] == "2"
+
+    # a driver that fails after Tune (here: at the results table) ends the sweep's run FAILED with
+    # the error, never RUNNING, and the sweep can be resumed again
+    def broken_table(rows):
+        raise RuntimeError("the table broke")
+
+    monkeypatch.setattr(results, "summarise", broken_table)
+    with pytest.raises(RuntimeError, match="the table broke"):
+        run_sweep(cfg, resume=True, launch_dir=tmp_path)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FAILED" and "the table broke" in parent.data.tags["error"]
+    record = json.loads((tmp_path / "ray_results" / ".unit-sweep.sweep.json").read_text())
+    assert record["state"] == "failed"
 
     # (a second launch with the same name gets a fresh one: tests/orchestrator/test_sweep_record.py)
 
