@@ -404,7 +404,10 @@ def _rows(results: list[Any], children: list[Any]) -> list[dict[str, Any]]:
 
 
 def _row(cfg: DictConfig, runs: list[Any], trial_error: BaseException | None) -> dict[str, Any]:
-    """The swept coordinates and the metrics of one configuration (its child runs, oldest first)."""
+    """The swept coordinates and the metrics of one configuration (its child runs, oldest first);
+    plain values (a list option, PromptAlign's ``align_layers``, is a list, never a ListConfig:
+    the results table serialises the options to group rows)."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
     row: dict[str, Any] = {
         "method": cfg.method.name,
         "dataset": cfg.data.dataset,
@@ -413,7 +416,7 @@ def _row(cfg: DictConfig, runs: list[Any], trial_error: BaseException | None) ->
         "shots": cfg.data.shots,
         "seed": cfg.seed,
         "model": cfg.model.name,
-        "options": {k: v for k, v in cfg.method.items() if k != "name"},
+        "options": {k: v for k, v in method.items() if k != "name"},
     }
     finished = [r for r in runs if r.info.status == "FINISHED"]
     run = finished[-1] if finished else (runs[-1] if runs else None)

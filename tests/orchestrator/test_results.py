@@ -48,3 +48,23 @@ def test_base_to_novel_columns_appear_when_present():
     table = summarise([_row("coop", 16, 1, 80.0, base_acc=80.0, novel_acc=60.0, hm=68.57)])
     md = to_markdown(table)
     assert "base_acc" in md and "novel_acc" in md and "| 68.57 ± 0.00" in md
+
+
+def test_a_configuration_with_a_list_option_has_its_row(tmp_path):
+    """The sweep's row of a configuration is plain data: PromptAlign's ``align_layers`` list once
+    crashed the results table (a ListConfig cannot be serialised to group rows)."""
+    from types import SimpleNamespace
+
+    from vlprompt.orchestrator.config import load_config
+    from vlprompt.orchestrator.sweep import _row
+
+    cfg = load_config("promptalign", [f"data.root={tmp_path}", "sweep.space={}"])
+    run = SimpleNamespace(
+        info=SimpleNamespace(status="FINISHED", run_id="r1"),
+        data=SimpleNamespace(metrics={"test_acc": 50.0, "target_acc_mean": 40.0}, tags={}),
+    )
+    row = _row(cfg, [run], None)
+    assert row["options"]["align_layers"] == [0, 1] and type(row["options"]["align_layers"]) is list
+    (line,) = summarise([row])
+    assert line["options"]["align_layers"] == [0, 1] and line["test_acc"] == (50.0, 0.0, 1)
+    assert "align_layers=[0, 1]" in to_markdown([line])
