@@ -203,13 +203,14 @@ def save_stats(
     extra: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``tensors`` (:meth:`Accumulator.tensors`) with the metadata -- the fingerprint
-    ``parts``, the ``source`` (``dataset``, ``split``, ``images_per_class``), the classes and any
+    ``parts``, the ``source`` (``dataset``, ``split``, ``images_per_class``, ``folder``; a missing
+    field is written empty), the classes and any
     ``extra`` strings -- atomically (a crash leaves no half file under the name)."""
     if len(classes) != tensors["class_count"].shape[0]:
         raise ValueError(f"{len(classes)} class names for {tensors['class_count'].shape[0]} class rows")
     metadata = {
         **{k: str(v) for k, v in (extra or {}).items()},
-        **{key: str(source[field]) for key, field in stats_file.SOURCE_KEYS.items()},
+        **{key: str(source.get(field, "")) for key, field in stats_file.SOURCE_KEYS.items()},
         **{k: str(parts[k]) for k in stats_file.FINGERPRINT_PARTS},
         "format": stats_file.FORMAT,
         "fingerprint": stats_file.fingerprint_digest(parts),

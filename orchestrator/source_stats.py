@@ -1,29 +1,42 @@
 """Make the offline source statistics a method aligns to: the command ``experiments/source_stats.py``.
 
     python experiments/source_stats.py --config promptalign data.root=/data method.init_state=...
+    python experiments/source_stats.py --config promptsync ... method.source_folder=/data/proxy
 
 It reads the *run's own* config -- the same preset and overrides -- so the statistics are made by
 exactly the model the run starts from: ``model.*`` (architecture, weights, precision), the
 method's options (its prompts, ``init_state``, the aligned blocks) and ``seed`` (a random-init
 backbone or prompts are drawn from it in the same order as in the run). The method must declare
-the ``source_stats`` capability (``methods/__init__.py``), whose spec names the proxy source --
-for PromptAlign ``method.source_dataset`` / ``source_split`` / ``source_images_per_class``,
-default ImageNet's train split, every image. It is read from ``data.root`` like any catalog
-dataset (generated where ``data.generate_missing`` / ``generate_stand_ins`` allow) and seen under
-the backbone's test transform (Resize + CenterCrop, ``datasets.images.test_transform``), in
-batches of ``data.encode_batch_size`` (else ``train.eval_batch_size``) on ``train.device``.
+the ``source_stats`` capability (``methods/__init__.py``), whose spec names the proxy source:
+
+* a catalog dataset -- for PromptAlign ``method.source_dataset`` / ``source_split`` /
+  ``source_images_per_class``, default ImageNet's train split, every image -- read from
+  ``data.root`` like any catalog dataset (generated where ``data.generate_missing`` /
+  ``generate_stand_ins`` allow);
+* or a folder of images labelled by class name, ``method.source_folder=/path``
+  (``<folder>/<class name>/<image>``; ``datasets/classfolders.py`` says how a folder's name
+  becomes a class name), e.g. images retrieved per class name for targets ImageNet lacks.
+
+Either is checked before torch is imported (a missing or empty folder is a config error naming
+the key), and recorded in the file, whose run then refuses a file made from another source.
+The images are seen under the backbone's test transform (Resize + CenterCrop,
+``datasets.images.test_transform``), in batches of ``data.encode_batch_size`` (else
+``train.eval_batch_size``) on ``train.device``.
 
 The file goes to ``method.<option>`` when the config names one, else to the cache path
-``<out_dir>/<fingerprint>-<dataset>-<split>[-<n>pc].safetensors`` keyed by the model's
-fingerprint (``methods/stats_file.py``). A file already there that this model and source made is
-kept (``--force`` recomputes); one made by another model is refused unless ``--force``. The last
-line printed is the override the run needs. Everything that can be checked without torch -- the
-config, the method, the dataset name, the data root and split -- is checked first.
+``<out_dir>/<fingerprint>-<dataset>-<split>[-<n>pc].safetensors`` (a folder:
+``<fingerprint>-folder-<name>-<path digest>[-<n>pc]``) keyed by the model's fingerprint
+(``methods/stats_file.py``). A file already there that this model and source made is kept
+(``--force`` recomputes); one made by another model is refused unless ``--force``. The last line
+printed is the override the run needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +76,7 @@ def plan(cfg: DictConfig) -> Job:
         )
     spec = wanted(typed)
     splits = read_source(cfg, spec)
-    items = getattr(splits, spec.split)
+    items = splits.train if spec.folder else getattr(splits, spec.split)
     if spec.images_per_class:
         items = first_per_class(items, spec.images_per_class)
     if not items:
@@ -72,7 +85,13 @@ def plan(cfg: DictConfig) -> Job:
 
 
 def read_source(cfg: DictConfig, spec: SourceStatsSpec) -> vds.DatasetSplits:
-    """The proxy dataset from ``data.root``, generated first where the data options allow."""
+    """The proxy source: the folder ``method.source_folder`` names, else the catalog dataset from
+    ``data.root``, generated first where the data options allow."""
+    if spec.folder:
+        try:
+            return vds.read_class_folders(spec.folder)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"method.source_folder={spec.folder}: {err}") from None
     root = Path(cfg.data.root)
     try:
         entry = vds.get_entry(spec.dataset)
@@ -101,8 +120,13 @@ def first_per_class(items: Sequence[vds.Datum], n: int) -> list[vds.Datum]:
 
 
 def cache_name(fingerprint: str, spec: SourceStatsSpec) -> str:
-    """``<fingerprint[:16]>-<dataset>-<split>[-<n>pc].safetensors``: one file per model and source."""
+    """``<fingerprint[:16]>-<dataset>-<split>[-<n>pc].safetensors``: one file per model and source
+    (a folder: ``-folder-<its name>-<digest of its path>``, two folders of one name apart)."""
     cap = f"-{spec.images_per_class}pc" if spec.images_per_class else ""
+    if spec.folder:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(spec.folder.rstrip("/"))) or "root"
+        where = hashlib.sha256(spec.folder.encode()).hexdigest()[:8]
+        return f"{fingerprint[:16]}-folder-{name}-{where}{cap}.safetensors"
     return f"{fingerprint[:16]}-{spec.dataset}-{spec.split}{cap}.safetensors"
 
 
@@ -145,7 +169,7 @@ def make(
     classes = [job.splits.classnames[i] for i in kept.tolist()]
     empty = len(job.splits.classnames) - len(classes)
     if empty:
-        say(f"[vlprompt] {empty} classes of {job.spec.dataset} have no {job.spec.split} image: no rows")
+        say(f"[vlprompt] {empty} classes of {job.spec.label()} have no image: no rows")
     extra = {"transform_repr": repr(_transform(model.backbone)), "config": cfg.name, "dtype": dtype}
     source_stats.save_stats(out, tensors, classes, parts, source, extra)
     say(f"[vlprompt] wrote {out}: {len(job.items)} images, {len(classes)} classes, fingerprint {digest[:16]}")
@@ -231,7 +255,8 @@ def _progress(total: int, say: Callable[[str], None]) -> Callable[[int], None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``experiments/source_stats.py``'s body; exit status 2 for a bad config."""
+    """``experiments/source_stats.py``'s body; exit status 2 for a bad config, 1 for an image
+    that cannot be read (either names the key or the file)."""
     import argparse
 
     from vlprompt.orchestrator.config import load_config, resolve_paths
@@ -250,5 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an unreadable image: load_image's message names it
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"method.{job.spec.option}={out}")
     return 0
