@@ -98,6 +98,26 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def ray_processes(ray_tmp: str, wait: float) -> list[int]:
+    """Live processes whose command line names ``ray_tmp``: the Ray a subprocess started with
+    ``RAY_TMPDIR=ray_tmp``, waited for up to ``wait`` seconds to be gone."""
+    deadline = time.time() + wait
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if ray_tmp.encode() in cmdline and state != "Z":
+                    found.append(int(entry.name))
+        if not found or time.time() >= deadline:
+            return found
+        time.sleep(0.5)
+
+
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.time() + timeout
     last: Exception | None = None

@@ -4,18 +4,22 @@ driver's refusals before Ray (``orchestrator/source_stats.py``, ``preflight.chec
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from tests.conftest import write_class_folders
+from tests.conftest import REPO, ray_processes, stop_group, write_class_folders
 from vlprompt import datasets as vds
 from vlprompt.methods import stats_file
-from vlprompt.methods.source_stats import load_stats
+from vlprompt.methods.source_stats import GLOBAL, PER_CLASS, load_stats
 from vlprompt.orchestrator import source_stats, tracking
 from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
 from vlprompt.orchestrator.loop import WorkerContext, run
@@ -272,7 +276,65 @@ def test_an_image_that_cannot_be_read_is_named(folder_made, made, tmp_path, caps
     folder = write_class_folders(tmp_path / "proxy", PROXY[:2])
     bad = folder / "tabby_cat" / "broken.png"
     bad.write_bytes(b"not a png")
-    args = ["--config", "promptalign", "--out-dir", str(tmp_path)]
+    args = ["--config", "promptalign", "--out-dir", str(tmp_path), "--no-ray"]
     assert source_stats.main([*args, *overrides(tmp / "data", f"method.source_folder={folder}")]) == 1
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"error: cannot read image {re.escape(str(bad))}: .*", err)
+
+
+# ---------------------------------------------------------------- the Ray Data pass
+@pytest.mark.slow  # a Ray Data job: decoding tasks and an encoder actor on the test's Ray (~20 s)
+def test_the_ray_data_pass_writes_the_in_process_file(made, local_ray, tmp_path, capsys) -> None:
+    tmp, _ = made
+    folder = write_class_folders(tmp_path / "proxy", PROXY, per_class=3)
+    # batches of 4 of 15 images: batches that straddle classes, partial sums of several batches per class
+    base = ["--config", "promptsync", *overrides(tmp / "data", f"method.source_folder={folder}")]
+    base.append("data.encode_batch_size=4")
+    assert source_stats.main([*base, "--out-dir", str(tmp_path / "here"), "--no-ray"]) == 0
+    assert source_stats.main([*base, "--out-dir", str(tmp_path / "ray"), "--ray"]) == 0
+    printed = capsys.readouterr().out
+    assert "on Ray Data: 15 images in 4 batches, 1 encoder actor(s) on cpu" in printed
+    progress = re.findall(r"source statistics: (\d+)/15 images \([\d.]+/s, ~\d+ s left\)", printed)
+    assert progress[-1] == "15" and len(progress) >= 2 * 4  # a line per batch (15 < 20), both runs
+    (here,) = (tmp_path / "here").glob("*.safetensors")
+    (there,) = (tmp_path / "ray").glob("*.safetensors")
+    assert here.name == there.name  # one fingerprint: the actors built the driver's model
+    assert stats_file.read_header(here)[0] == stats_file.read_header(there)[0]  # metadata, classes
+    with safe_open(str(here), "pt") as a, safe_open(str(there), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) == {*GLOBAL, *PER_CLASS}
+        for key in sorted(a.keys()):
+            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=1e-6, atol=1e-7)
+    assert local_ray.is_initialized()  # an attached driver leaves the test's Ray running
+
+
+@pytest.mark.slow  # a subprocess that starts its own Ray (~30 s)
+def test_an_image_a_ray_worker_cannot_read_stops_the_job_naming_it(made, tmp_path) -> None:
+    tmp, _ = made
+    folder = write_class_folders(tmp_path / "proxy", PROXY[:2])
+    bad = folder / "tabby_cat" / "broken.png"
+    bad.write_bytes(b"not a png")
+    ray_tmp = tempfile.mkdtemp(prefix="vlps", dir="/tmp")  # short: Ray's socket paths must fit
+    script = str(REPO / "experiments" / "source_stats.py")
+    more = [f"method.source_folder={folder}", "resources.local_dashboard=false"]
+    cmd = [sys.executable, script, "--config", "promptalign", "--ray", *overrides(tmp / "data", *more)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out[-2000:] + err[-4000:]
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        named = rf"error: source statistics: cannot read image {re.escape(str(bad))}: .*"
+        assert errors and re.fullmatch(named, errors[-1]), err[-4000:]
+        assert ray_processes(ray_tmp, wait=20) == []  # the Ray it started is stopped
+    finally:
+        stop_group(proc)
+        for pid in ray_processes(ray_tmp, wait=0):
+            os.kill(pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
