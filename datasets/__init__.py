@@ -19,12 +19,15 @@ The multi-task protocol reads a task source instead (a group such as ``general10
     fewshot = {key: cached_fewshot(t.splits, 16, 1, t.cache_dir) for key, t in tasks.items()}
 
 ``generate_dataset`` writes a procedural stand-in in any entry's real layout;
-``python -m vlprompt.datasets`` lists, generates and checks datasets. Each on-disk layout
+``python -m vlprompt.datasets`` lists, generates and checks datasets. ``read_class_folders`` reads
+a folder of images labelled by class name (``<folder>/<class name>/<image>``), the proxy source
+a method's source statistics may come from instead of a catalog dataset. Each on-disk layout
 (CoOp's split JSON, FGVC-Aircraft's lists, the ImageNet family, Fashion-20's tasks) is one
 ``Layout`` in ``layouts.LAYOUTS``, named by the catalog entries that have it.
 """
 
 from vlprompt.datasets.catalog import CATALOG, CatalogEntry, get_entry
+from vlprompt.datasets.classfolders import read_class_folders
 from vlprompt.datasets.decode import drop_unreadable, load_image
 from vlprompt.datasets.fewshot import base_novel_labels, sample_fewshot, subsample_classes
 from vlprompt.datasets.fewshot_cache import cached_fewshot
@@ -55,6 +58,7 @@ __all__ = [
     "load_image",
     "load_tasks",
     "make_split",
+    "read_class_folders",
     "read_split_file",
     "sample_fewshot",
     "split_fingerprint",

@@ -191,10 +191,24 @@ class SourceStatsSpec:
     per_class: bool = False
     """The run reads the file's per-class rows of every class it classifies (PromptSync's
     prototypes): the file must cover the classes of the run's tasks and targets."""
+    folder: str = ""
+    """A folder of images labelled by class name (``datasets/classfolders.py``), the source in
+    place of ``dataset`` / ``split`` when set; recorded and checked by its absolute path."""
 
     def source(self) -> dict[str, object]:
-        """The proxy source, as the file's metadata records it (``stats_file.SOURCE_KEYS``)."""
-        return {"dataset": self.dataset, "split": self.split, "images_per_class": self.images_per_class}
+        """The proxy source, as the file's metadata records it (``stats_file.SOURCE_KEYS``): a
+        folder source has no dataset and split, a catalog one no folder."""
+        folder = self.folder
+        return {
+            "dataset": "" if folder else self.dataset,
+            "split": "" if folder else self.split,
+            "images_per_class": self.images_per_class,
+            "folder": folder,
+        }
+
+    def label(self) -> str:
+        """The source in words, for messages: ``imagenet/train`` or ``folder /data/proxy``."""
+        return f"folder {self.folder}" if self.folder else f"{self.dataset}/{self.split}"
 
 
 # ---------------------------------------------------------------- the methods' options
@@ -720,6 +734,12 @@ class AlignedMaPLeOptions:
     """Its split (train: ImageNet val is also a reported test set)."""
     source_images_per_class: int = option(0, at_least=0)
     """At most this many images per class, the first of each in the split's order; 0: all."""
+    source_folder: str = option("", path="dir")
+    """A folder of proxy images labelled by class name, instead of a catalog dataset:
+    ``<folder>/<class name>/<image>``, ``_`` read as a space, case kept, an optional
+    ``classnames.txt`` naming the folders a class name cannot be (``datasets/classfolders.py``;
+    PROMPTSYNC.md §2.2's per-class retrieval for targets ImageNet lacks). When set it is the source:
+    ``source_dataset`` and ``source_split`` are not read; ``source_images_per_class`` caps it."""
     images_per_step: int = option(1, at_least=1)
     """Test images adapted at once, each from the same reset state on its own copy of the prompts
     (``methods/maple_stacked.py``): the same numbers as one at a time (the reference's batch of one
@@ -767,6 +787,7 @@ class AlignedMaPLeOptions:
             blocks=tuple(self.align_layers),
             required=self.needs_stats(),
             per_class=self.needs_class_rows(),
+            folder=self.source_folder,
         )
 
 

@@ -17,8 +17,12 @@ image embeddings (not re-normalised: a consumer normalises if it wants a directi
 
 Streaming: per class, sums and sums of squares in float64 (``index_add_``) -- exact enough for
 LayerNorm-scale tokens over ImageNet's 1.28 M images; the global statistics are the class sums
-added up, so both come from one pass. A class with no image has no row (the file lists the classes
-it has). Files are safetensors (``safetensors.torch.save_file``; no pickle, and a reader can load
+added up, so both come from one pass. The sums are additive: each batch's per-class partial sums
+(:func:`batch_sums`, only the classes in the batch) are added into the totals
+(:meth:`Accumulator.merge`), in this process or -- the same function on an actor pool -- by the
+command's Ray Data pass (``orchestrator/stats_pipeline.py``), whose file equals this one's. A
+class with no image has no row (the file lists the classes it has).
+Files are safetensors (``safetensors.torch.save_file``; no pickle, and a reader can load
 one tensor alone: PromptAlign reads only the global statistics of a 2.4 GB ImageNet file):
 
 =================  =====================  ================================================
@@ -122,6 +126,34 @@ def init_state_part(state: Mapping[str, Tensor]) -> str:
 
 
 # ---------------------------------------------------------------- accumulating
+@dataclass(frozen=True)
+class PartialSums:
+    """One batch's float64 sums for the ``K`` classes it holds (what an encoder actor returns)."""
+
+    labels: Tensor  # (K,) int64, distinct
+    sums: Tensor  # (K, L, T, W) of the block inputs
+    squares: Tensor  # (K, L, T, W) of their squares
+    embedding: Tensor  # (K, D) of the L2-normalised image embeddings
+    count: Tensor  # (K,) int64 images
+
+
+def batch_sums(
+    tokens: Mapping[int, Tensor], embeddings: Tensor, labels: Tensor, blocks: Sequence[int]
+) -> PartialSums:
+    """Per-class sums of one batch: ``tokens[l]`` ``(N, T, W)`` per block in ``blocks``,
+    embeddings ``(N, D)``, labels ``(N,)``; rows only for the labels present, so a batch of one
+    ImageNet class is one row, not 1000."""
+    x = torch.stack([tokens[b].detach() for b in blocks], dim=1).double()  # (N, L, T, W)
+    e = F.normalize(embeddings.detach().double(), dim=-1)
+    present, row = labels.to(x.device).unique(return_inverse=True)
+    sums = x.new_zeros((len(present), *x.shape[1:])).index_add_(0, row, x)
+    squares = torch.zeros_like(sums).index_add_(0, row, x.square())
+    embedding = e.new_zeros((len(present), e.shape[1])).index_add_(0, row, e)
+    count = torch.zeros(len(present), dtype=torch.int64, device=x.device)
+    count.index_add_(0, row, torch.ones_like(row, dtype=torch.int64))
+    return PartialSums(present.long(), sums, squares, embedding, count)
+
+
 class Accumulator:
     """Per-class float64 sums of the block inputs, their squares and the normalised embeddings."""
 
@@ -135,20 +167,23 @@ class Accumulator:
 
     def add(self, tokens: Mapping[int, Tensor], embeddings: Tensor, labels: Tensor) -> None:
         """One batch: ``tokens[l]`` ``(N, T, W)`` per block, embeddings ``(N, D)``, labels ``(N,)``."""
-        x = torch.stack([tokens[b].detach() for b in self.blocks], dim=1).double()  # (N, L, T, W)
-        e = F.normalize(embeddings.detach().double(), dim=-1)
-        labels = labels.to(x.device)
-        if labels.min() < 0 or labels.max() >= self.n_classes:
+        self.merge(batch_sums(tokens, embeddings, labels, self.blocks))
+
+    def merge(self, part: PartialSums) -> None:
+        """Add one batch's partial sums (:func:`batch_sums`, here or from an encoder actor)."""
+        labels = part.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.n_classes):
             raise ValueError(f"labels must lie in 0 .. {self.n_classes - 1}, got {labels.tolist()}")
         if self.sums is None:
-            self.sums = x.new_zeros((self.n_classes, *x.shape[1:]))
+            self.sums = part.sums.new_zeros((self.n_classes, *part.sums.shape[1:]))
             self.squares = torch.zeros_like(self.sums)
-            self.embedding = e.new_zeros((self.n_classes, e.shape[1]))
-            self.count = torch.zeros(self.n_classes, dtype=torch.int64, device=x.device)
-        self.sums.index_add_(0, labels, x)
-        self.squares.index_add_(0, labels, x.square())
-        self.embedding.index_add_(0, labels, e)
-        self.count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.int64))
+            self.embedding = part.embedding.new_zeros((self.n_classes, part.embedding.shape[1]))
+            self.count = torch.zeros(self.n_classes, dtype=torch.int64, device=self.sums.device)
+        labels = labels.to(self.sums.device)
+        self.sums.index_add_(0, labels, part.sums.to(self.sums.device))
+        self.squares.index_add_(0, labels, part.squares.to(self.sums.device))
+        self.embedding.index_add_(0, labels, part.embedding.to(self.sums.device))
+        self.count.index_add_(0, labels, part.count.to(self.sums.device))
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], Tensor]:
         """The file's tensors (CPU, ``dtype``) for the classes that had images, and their indices."""
@@ -203,13 +238,14 @@ def save_stats(
     extra: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``tensors`` (:meth:`Accumulator.tensors`) with the metadata -- the fingerprint
-    ``parts``, the ``source`` (``dataset``, ``split``, ``images_per_class``), the classes and any
+    ``parts``, the ``source`` (``dataset``, ``split``, ``images_per_class``, ``folder``; a missing
+    field is written empty), the classes and any
     ``extra`` strings -- atomically (a crash leaves no half file under the name)."""
     if len(classes) != tensors["class_count"].shape[0]:
         raise ValueError(f"{len(classes)} class names for {tensors['class_count'].shape[0]} class rows")
     metadata = {
         **{k: str(v) for k, v in (extra or {}).items()},
-        **{key: str(source[field]) for key, field in stats_file.SOURCE_KEYS.items()},
+        **{key: str(source.get(field, "")) for key, field in stats_file.SOURCE_KEYS.items()},
         **{k: str(parts[k]) for k in stats_file.FINGERPRINT_PARTS},
         "format": stats_file.FORMAT,
         "fingerprint": stats_file.fingerprint_digest(parts),

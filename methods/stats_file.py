@@ -12,7 +12,10 @@ The metadata records what made the file:
   ``backbone`` (architecture name and a digest of the image tower's weights), ``init_state`` (a
   digest of the prompts the statistics were taken with), ``blocks`` (the image blocks summarised)
   and ``transform`` (the preprocessing, a function of the backbone's input size, mean and std);
-* the **source**: catalog dataset, split, images per class (0: all);
+* the **source**: catalog dataset, split, images per class (0: all) -- or, for a folder of
+  images labelled by class name (``method.source_folder``), that folder's absolute path with
+  an empty dataset and split (a file written before folders existed has no ``source_folder``:
+  read as none);
 * the **classes** (a JSON list, label order of the file's per-class rows) and the image count.
 
 Every error names the file and the command that makes one (:data:`MAKE_COMMAND`).
@@ -36,6 +39,7 @@ SOURCE_KEYS = {
     "source_dataset": "dataset",
     "source_split": "split",
     "source_images_per_class": "images_per_class",
+    "source_folder": "folder",
 }
 #: A header longer than this is not one (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -108,8 +112,9 @@ def check_made_by(
         if metadata.get(key) != value
     ]
     for key, field in SOURCE_KEYS.items():
-        if source is not None and field in source and metadata.get(key) != str(source[field]):
-            wrong.append(f"{key} is {metadata.get(key)!r}, the config's {str(source[field])!r}")
+        recorded = metadata.get(key, "" if key == "source_folder" else None)
+        if source is not None and field in source and recorded != str(source[field]):
+            wrong.append(f"{key} is {recorded!r}, the config's {str(source[field])!r}")
     if wrong:
         raise ValueError(
             f"source statistics {file} were made by another model or from another source: "
@@ -143,10 +148,27 @@ def check_classes(metadata: Mapping[str, str], file: str | Path, needed: Sequenc
         raise ValueError(
             f"source statistics {file} have no images of {len(missing)} of the {len(set(needed))} "
             f"classes needed: {shown} (the file covers {len(classes)} classes of "
-            f"{metadata.get('source_dataset')!r}); make them from a source with these classes "
-            f"(method.source_dataset): {remake(file)}"
+            f"{source_label(metadata)}){_case_hint(missing, classes)}; make them from a source with "
+            f"these classes (method.source_dataset or method.source_folder): {remake(file)}"
         )
     return classes
+
+
+def source_label(metadata: Mapping[str, str]) -> str:
+    """The file's source for messages: ``'imagenet'`` or ``folder '/data/proxy'``."""
+    folder = metadata.get("source_folder", "")
+    return f"folder {folder!r}" if folder else repr(metadata.get("source_dataset"))
+
+
+def _case_hint(missing: Sequence[str], classes: Sequence[str]) -> str:
+    """Names the file has that differ from a missing one only in case or underscores: a class
+    folder named as the user expected but compared exactly (``datasets/classfolders.py``)."""
+    loose = {c.casefold().replace("_", " "): c for c in classes}
+    near = [(m, loose[m.casefold()]) for m in missing if m.casefold() in loose][:3]
+    if not near:
+        return ""
+    pairs = ", ".join(f"{have!r} for {want!r}" for want, have in near)
+    return f" -- it has {pairs}: class names are compared exactly, rename the class folder"
 
 
 def check_without_torch(

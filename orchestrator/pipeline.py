@@ -361,19 +361,20 @@ def run_pipeline(
                 stats.append(str(stat))
                 features.append(feature)
     except Exception as err:  # Ray wraps the UDF's error in its own; find the line naming the image
-        raise FeaturePipelineError(_cause(err)) from None
+        raise FeaturePipelineError(error_line(err)) from None
     return out
 
 
-def _cause(err: BaseException) -> str:
-    """The decoding error's own message (dataset, split, image path) from Ray's wrapped error."""
+def error_line(err: BaseException, marker: str = "feature pipeline:") -> str:
+    """A stage's own message (dataset, split, image path) from Ray's wrapped error: the last line
+    holding ``marker``, from there on (the source-statistics job's stages mark theirs too)."""
     seen: BaseException | None = err
     text = []
     while seen is not None:
         text.append(str(seen))
         seen = seen.__cause__
-    lines = [line.strip() for line in "\n".join(text).splitlines() if "feature pipeline:" in line]
-    return lines[-1] if lines else f"feature pipeline failed: {err!r}"
+    lines = [line[line.index(marker) :].strip() for line in "\n".join(text).splitlines() if marker in line]
+    return lines[-1] if lines else f"{marker.rstrip(':')} failed: {err!r}"
 
 
 def _decode(batch: Mapping[str, Any], specs: Mapping[int, Any]) -> dict[str, np.ndarray]:

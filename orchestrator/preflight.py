@@ -7,7 +7,9 @@ at once), reads every dataset through the real readers -- split files, class fol
 images -- and checks that each class has the shots asked for. A wrong ``data.root``, a missing
 split file or ``data.shots=16`` on a class with 10 training images is then one error naming the
 path or the class and the fix, before any trial starts, instead of one failure per trial
-minutes in. Nothing here imports torch.
+minutes in. A method's source-statistics file is checked from its header: made for this
+architecture, blocks and source, and -- where the method reads per-class rows (PromptSync) --
+holding every class the run scores. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ def preflight(cfg: DictConfig) -> None:
                d.make_missing_splits)  # fmt: skip
         readings.setdefault(key, []).append(trial)
     for trials in readings.values():
-        tasks = read_data(trials[0])
+        tasks, targets = read_data(trials[0])
+        scored = [c for task in tasks.values() for c in task.splits.classnames]
+        scored += [c for splits in targets.values() for c in splits.classnames]
+        for trial in trials:
+            check_source_classes(trial, scored)
         shots = {t.data.shots for t in trials if get_protocol(t.data.protocol).fewshot}
         for count in sorted(shots):
             check_shots(tasks, count)
 
 
-def read_data(cfg: DictConfig) -> dict[str, vds.TaskData]:
+def read_data(cfg: DictConfig) -> tuple[dict[str, vds.TaskData], dict[str, vds.DatasetSplits]]:
     """The task source and targets of ``cfg``, generated where allowed, read by the real readers."""
     ensure_datasets(cfg)
     root = Path(cfg.data.root)
@@ -57,11 +63,13 @@ def read_data(cfg: DictConfig) -> dict[str, vds.TaskData]:
     make_split = cfg.data.make_missing_splits
     try:
         tasks = vds.load_tasks(cfg.data.dataset, root, make_missing_split=make_split)
-        for name in cfg.data.eval_targets:
-            vds.load_dataset(name, root, make_missing_split=make_split)
+        targets = {
+            name: vds.load_dataset(name, root, make_missing_split=make_split)
+            for name in cfg.data.eval_targets
+        }
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.dataset={cfg.data.dataset}: {err}{_generate_hint(cfg)}") from None
-    return tasks
+    return tasks, targets
 
 
 def check_source_stats(cfg: DictConfig) -> None:
@@ -84,6 +92,23 @@ def check_source_stats(cfg: DictConfig) -> None:
         stats_file.check_without_torch(metadata, spec.file, cfg.model.name, spec.blocks, spec.source())
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}: {err}") from None
+
+
+def check_source_classes(cfg: DictConfig, scored: list[str]) -> None:
+    """A method that reads per-class rows (PromptSync's prototypes) finds every class the run
+    scores -- its tasks' and its targets' -- in the file's class list (its header: no torch).
+    The method checks again when it is built for each evaluation set, but on real data that is
+    hours in: after the whole ImageNet test split, at ImageNet-V2's 1000 names."""
+    name, typed = method_options(cfg.method)
+    wanted = capabilities(name).source_stats
+    spec = wanted(typed) if wanted else None
+    if spec is None or not (spec.per_class and spec.file):
+        return
+    try:
+        metadata, _ = stats_file.read_header(spec.file)
+        stats_file.check_classes(metadata, spec.file, scored)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"method.{spec.option}: {err}") from None
 
 
 def check_shots(tasks: dict[str, vds.TaskData], shots: int) -> None:

@@ -1,29 +1,51 @@
 """Make the offline source statistics a method aligns to: the command ``experiments/source_stats.py``.
 
     python experiments/source_stats.py --config promptalign data.root=/data method.init_state=...
+    python experiments/source_stats.py --config promptsync ... method.source_folder=/data/proxy --ray
 
 It reads the *run's own* config -- the same preset and overrides -- so the statistics are made by
 exactly the model the run starts from: ``model.*`` (architecture, weights, precision), the
 method's options (its prompts, ``init_state``, the aligned blocks) and ``seed`` (a random-init
 backbone or prompts are drawn from it in the same order as in the run). The method must declare
-the ``source_stats`` capability (``methods/__init__.py``), whose spec names the proxy source --
-for PromptAlign ``method.source_dataset`` / ``source_split`` / ``source_images_per_class``,
-default ImageNet's train split, every image. It is read from ``data.root`` like any catalog
-dataset (generated where ``data.generate_missing`` / ``generate_stand_ins`` allow) and seen under
-the backbone's test transform (Resize + CenterCrop, ``datasets.images.test_transform``), in
-batches of ``data.encode_batch_size`` (else ``train.eval_batch_size``) on ``train.device``.
+the ``source_stats`` capability (``methods/__init__.py``), whose spec names the proxy source:
+
+* a catalog dataset -- for PromptAlign ``method.source_dataset`` / ``source_split`` /
+  ``source_images_per_class``, default ImageNet's train split, every image -- read from
+  ``data.root`` like any catalog dataset (generated where ``data.generate_missing`` /
+  ``generate_stand_ins`` allow);
+* or a folder of images labelled by class name, ``method.source_folder=/path``
+  (``<folder>/<class name>/<image>``; ``datasets/classfolders.py`` says how a folder's name
+  becomes a class name), e.g. images retrieved per class name for targets ImageNet lacks.
+
+Either is checked before torch is imported (a missing or empty folder is a config error naming
+the key), and recorded in the file, whose run then refuses a file made from another source.
+The images are seen under the backbone's test transform (Resize + CenterCrop,
+``datasets.images.test_transform``), in batches of ``data.encode_batch_size`` (else
+``train.eval_batch_size``).
+
+Where: ``--no-ray`` (the default without ``RAY_ADDRESS``) streams them through the model in this
+process on ``train.device`` -- the path a Train worker would take, and the quickest for a few
+thousand images. ``--ray`` (the default when ``RAY_ADDRESS`` names a cluster) runs the same
+per-batch sums as a Ray Data job (``orchestrator/stats_pipeline.py``: CPU decoding tasks, an actor
+pool that builds the model once per actor, partial sums added up here), on the cluster
+``RAY_ADDRESS`` names or a local Ray started and stopped for it; the two files are equal (tested).
+A flag, not a config key: where the sums are computed changes nothing in the file, and the
+config is the run's (``data.pipeline`` is the sweep's feature cache, another question).
 
 The file goes to ``method.<option>`` when the config names one, else to the cache path
-``<out_dir>/<fingerprint>-<dataset>-<split>[-<n>pc].safetensors`` keyed by the model's
-fingerprint (``methods/stats_file.py``). A file already there that this model and source made is
-kept (``--force`` recomputes); one made by another model is refused unless ``--force``. The last
-line printed is the override the run needs. Everything that can be checked without torch -- the
-config, the method, the dataset name, the data root and split -- is checked first.
+``<out_dir>/<fingerprint>-<dataset>-<split>[-<n>pc].safetensors`` (a folder:
+``<fingerprint>-folder-<name>-<path digest>[-<n>pc]``) keyed by the model's fingerprint
+(``methods/stats_file.py``). A file already there that this model and source made is kept
+(``--force`` recomputes); one made by another model is refused unless ``--force``. The last line
+printed is the override the run needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +85,7 @@ def plan(cfg: DictConfig) -> Job:
         )
     spec = wanted(typed)
     splits = read_source(cfg, spec)
-    items = getattr(splits, spec.split)
+    items = splits.train if spec.folder else getattr(splits, spec.split)
     if spec.images_per_class:
         items = first_per_class(items, spec.images_per_class)
     if not items:
@@ -72,7 +94,13 @@ def plan(cfg: DictConfig) -> Job:
 
 
 def read_source(cfg: DictConfig, spec: SourceStatsSpec) -> vds.DatasetSplits:
-    """The proxy dataset from ``data.root``, generated first where the data options allow."""
+    """The proxy source: the folder ``method.source_folder`` names, else the catalog dataset from
+    ``data.root``, generated first where the data options allow."""
+    if spec.folder:
+        try:
+            return vds.read_class_folders(spec.folder)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"method.source_folder={spec.folder}: {err}") from None
     root = Path(cfg.data.root)
     try:
         entry = vds.get_entry(spec.dataset)
@@ -101,8 +129,13 @@ def first_per_class(items: Sequence[vds.Datum], n: int) -> list[vds.Datum]:
 
 
 def cache_name(fingerprint: str, spec: SourceStatsSpec) -> str:
-    """``<fingerprint[:16]>-<dataset>-<split>[-<n>pc].safetensors``: one file per model and source."""
+    """``<fingerprint[:16]>-<dataset>-<split>[-<n>pc].safetensors``: one file per model and source
+    (a folder: ``-folder-<its name>-<digest of its path>``, two folders of one name apart)."""
     cap = f"-{spec.images_per_class}pc" if spec.images_per_class else ""
+    if spec.folder:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(spec.folder.rstrip("/"))) or "root"
+        where = hashlib.sha256(spec.folder.encode()).hexdigest()[:8]
+        return f"{fingerprint[:16]}-folder-{name}-{where}{cap}.safetensors"
     return f"{fingerprint[:16]}-{spec.dataset}-{spec.split}{cap}.safetensors"
 
 
@@ -125,28 +158,41 @@ def make(
     force: bool = False,
     dtype: str = "float32",
     say: Callable[[str], None] = print,
+    use_ray: bool = False,
 ) -> Path:
-    """Build the model as the run builds it, stream the proxy images through it, write the file."""
+    """Build the model as the run builds it, stream the proxy images through it, write the file.
+
+    ``use_ray``: the per-batch sums on a Ray Data actor pool (``stats_pipeline``); the model
+    built here (on the CPU) then only gives the fingerprint the actors' models must have."""
     import torch
 
     from vlprompt.methods import source_stats
 
-    model = build_model(cfg, job)
+    recipe = model_recipe(cfg, job)
+    model = build_model(recipe, "cpu" if use_ray else device_of(cfg))
+    extra = {"transform_repr": repr(_transform(model.backbone)), "config": cfg.name, "dtype": dtype}
     parts = model.stats_fingerprint()
     digest = stats_file.fingerprint_digest(parts)
     out = Path(job.spec.file) if job.spec.file else out_dir / cache_name(digest, job.spec)
     source = job.spec.source()
     if out.exists() and not force and _up_to_date(out, parts, source, say):
         return out
-    batches = _batches(cfg, job, model.backbone)
     tick = _progress(len(job.items), say)
-    acc = source_stats.accumulate(model, batches, len(job.splits.classnames), job.spec.blocks, tick)
+    n_classes = len(job.splits.classnames)
+    if use_ray:
+        from vlprompt.orchestrator import stats_pipeline
+
+        preprocess = stats_pipeline.Preprocess.of(model.backbone)
+        del model  # the actors build their own
+        acc = stats_pipeline.accumulate(cfg, job, recipe, preprocess, digest, tick, say)
+    else:
+        acc = source_stats.accumulate(
+            model, _batches(cfg, job, model.backbone), n_classes, job.spec.blocks, tick
+        )
     tensors, kept = acc.tensors(getattr(torch, dtype))
     classes = [job.splits.classnames[i] for i in kept.tolist()]
-    empty = len(job.splits.classnames) - len(classes)
-    if empty:
-        say(f"[vlprompt] {empty} classes of {job.spec.dataset} have no {job.spec.split} image: no rows")
-    extra = {"transform_repr": repr(_transform(model.backbone)), "config": cfg.name, "dtype": dtype}
+    if len(classes) < n_classes:
+        say(f"[vlprompt] {n_classes - len(classes)} classes of {job.spec.label()} have no image: no rows")
     source_stats.save_stats(out, tensors, classes, parts, source, extra)
     say(f"[vlprompt] wrote {out}: {len(job.items)} images, {len(classes)} classes, fingerprint {digest[:16]}")
     return out
@@ -166,33 +212,59 @@ def _up_to_date(out: Path, parts: dict, source: dict, say: Callable[[str], None]
     return True
 
 
-def build_model(cfg: DictConfig, job: Job) -> Any:
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Everything :func:`build_model` reads, picklable: an encoder actor builds the same model."""
+
+    seed: int
+    model: dict[str, Any]
+    """``load_backbone``'s arguments but the device (``model.*`` of the run)."""
+    method: str
+    options: Any
+    """The method's options, without the statistics file it would read (the file is being made)."""
+    task: str
+    classnames: tuple[str, ...]
+    template: str
+
+
+def model_recipe(cfg: DictConfig, job: Job) -> ModelRecipe:
+    """The run's model as ``loop.set_up`` makes it, for the proxy's classes."""
+    m = cfg.model
+    return ModelRecipe(
+        seed=int(cfg.seed),
+        model={
+            "model_name": m.name,
+            "pretrained": m.pretrained,
+            "precision": m.precision,
+            "text_chunk_size": m.text_chunk_size,
+            "text_checkpoint": m.text_checkpoint,
+        },
+        method=job.method,
+        options=dataclasses.replace(job.options, **{job.spec.option: ""}),
+        task=job.splits.name,
+        classnames=tuple(job.splits.classnames),
+        template=job.splits.template,
+    )
+
+
+def build_model(recipe: ModelRecipe, device: str) -> Any:
     """The backbone and method exactly as ``loop.set_up`` makes them, without the file it would read."""
     from vlprompt.methods import build_method
     from vlprompt.methods.clip import load_backbone
     from vlprompt.methods.source_stats import ObservesBlocks
     from vlprompt.orchestrator.worker import seed_everything
 
-    seed_everything(cfg.seed)
-    backbone = load_backbone(
-        cfg.model.name,
-        cfg.model.pretrained,
-        device=device_of(cfg),
-        precision=cfg.model.precision,
-        text_chunk_size=cfg.model.text_chunk_size,
-        text_checkpoint=cfg.model.text_checkpoint,
-    )
-    options = dataclasses.replace(job.options, **{job.spec.option: ""})
-    splits = job.splits
+    seed_everything(recipe.seed)
+    backbone = load_backbone(**recipe.model, device=device)
     model = build_method(
-        job.method,
+        recipe.method,
         backbone,
-        {splits.name: list(splits.classnames)},
-        options,
-        templates={splits.name: splits.template},
+        {recipe.task: list(recipe.classnames)},
+        recipe.options,
+        templates={recipe.task: recipe.template},
     )
     if not isinstance(model, ObservesBlocks):
-        raise TypeError(f"{job.method} declares source_stats but cannot observe its image blocks")
+        raise TypeError(f"{recipe.method} declares source_stats but cannot observe its image blocks")
     return model.eval()
 
 
@@ -230,25 +302,46 @@ def _progress(total: int, say: Callable[[str], None]) -> Callable[[int], None]:
     return tick
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``experiments/source_stats.py``'s body; exit status 2 for a bad config."""
+def _arguments(argv: Sequence[str] | None) -> Any:
     import argparse
-
-    from vlprompt.orchestrator.config import load_config, resolve_paths
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the run's preset name or YAML path")
     parser.add_argument("--out-dir", default="source_stats", help="cache folder (default: source_stats)")
     parser.add_argument("--force", action="store_true", help="recompute even if an up-to-date file exists")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="storage precision")
+    parser.add_argument(
+        "--ray",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sum the images' statistics as a Ray Data job (decoding tasks, an encoder actor pool) on "
+        "$RAY_ADDRESS's cluster or a local Ray; --no-ray: in this process. Default: --ray when "
+        "RAY_ADDRESS is set. The file is the same either way",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for the run")
     args = parser.parse_args(argv)
+    if args.ray is None:
+        args.ray = bool(os.environ.get("RAY_ADDRESS"))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``experiments/source_stats.py``'s body; exit status 2 for a bad config, 1 for an image
+    that cannot be read (either names the key or the file)."""
+    from vlprompt.orchestrator.config import load_config, resolve_paths
+    from vlprompt.orchestrator.stats_pipeline import StatsPipelineError
+
+    args = _arguments(argv)
     try:
         cfg = resolve_paths(load_config(args.config, args.overrides))
         job = plan(cfg)
-        out = make(cfg, job, Path(args.out_dir).resolve(), force=args.force, dtype=args.dtype)
+        out_dir = Path(args.out_dir).resolve()
+        out = make(cfg, job, out_dir, force=args.force, dtype=args.dtype, use_ray=args.ray)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except (StatsPipelineError, OSError) as err:  # an unreadable image, here or in a Ray worker
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"method.{job.spec.option}={out}")
     return 0

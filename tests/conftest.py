@@ -1,4 +1,4 @@
-"""Suite-wide settings and the real servers the integration tests need.
+"""Suite-wide settings, the real servers the integration tests need, and a proxy-folder writer.
 
 Everything a test starts it stops by process group (never ``ray stop``, which would hit
 every Ray process on the machine), and every server listens on loopback only.
@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,6 +34,25 @@ os.environ.pop("RAY_ADDRESS", None)  # unit tests must never attach to someone's
 # when the caller's shell exported RAY_AUTH_MODE=disabled: the tests run what users run.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def write_class_folders(folder: Path, classnames: Sequence[str], per_class: int = 1, size: int = 32) -> Path:
+    """A proxy source as a researcher lays one out (``datasets/classfolders.py``): one folder per
+    distinct class name, spaces written as ``_``; a name no folder can have (ImageNet's "baluster
+    / handrail") in a numbered folder that ``classnames.txt`` names. ``per_class`` noise images each."""
+    rng = np.random.default_rng(0)
+    listed = []
+    for i, name in enumerate(dict.fromkeys(classnames)):
+        sub = name.replace(" ", "_") if "/" not in name else f"class{i:04d}"
+        if "/" in name:
+            listed.append(f"{sub} {name}")
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / sub / f"{k}.png")
+    if listed:
+        (folder / "classnames.txt").write_text("\n".join(listed) + "\n", encoding="utf-8")
+    return folder
 
 
 def free_port() -> int:
@@ -75,6 +96,26 @@ def _group_alive(pgid: int) -> bool:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 return True
     return False
+
+
+def ray_processes(ray_tmp: str, wait: float) -> list[int]:
+    """Live processes whose command line names ``ray_tmp``: the Ray a subprocess started with
+    ``RAY_TMPDIR=ray_tmp``, waited for up to ``wait`` seconds to be gone."""
+    deadline = time.time() + wait
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes()
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if ray_tmp.encode() in cmdline and state != "Z":
+                    found.append(int(entry.name))
+        if not found or time.time() >= deadline:
+            return found
+        time.sleep(0.5)
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

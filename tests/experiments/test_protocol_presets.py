@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import write_class_folders
 from vlprompt import datasets as vds
 from vlprompt.orchestrator import source_stats
 from vlprompt.orchestrator.config import load_config, resolve_paths
@@ -69,13 +70,15 @@ def test_protocol_preset_runs_on_generated_data(preset, tmp_path):
         assert len([k for k in metrics if k.startswith("task_acc/")]) == 10
 
 
-@pytest.mark.slow  # about a minute on two cores: 1 + 3 views of every test image of five datasets
-@pytest.mark.parametrize("preset", ["promptalign"])  # promptsync: see the note below
-def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, tmp_path, capsys):
-    # promptsync needs per-class rows of every class a run classifies (998 ImageNet names), and
-    # generated stand-ins hold at most 16 classes: its preset cannot run end to end on them yet
+@pytest.mark.slow  # about a minute each on two cores: 1 + 3 views of every test image of five datasets
+@pytest.mark.parametrize(("preset", "proxy_folder"), [("promptalign", False), ("promptsync", True)])
+def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, proxy_folder, tmp_path, capsys):
     # a test_time preset with one more step: its source statistics, made by the command from the
-    # same overrides (ImageNet's generated train split), then the run reads them
+    # same overrides, then the run reads them. PromptAlign's global statistics come from ImageNet's
+    # generated train split. PromptSync's per-class prototypes must cover every class the run
+    # classifies -- ImageNet-V2 scores all 1000 ImageNet names (998 distinct), the 3-class
+    # stand-in has 3 -- so, as for any target whose classes ImageNet lacks, they come from a folder
+    # of images per class name (PROMPTSYNC.md §2.2's retrieval), one noise image each here
     preset_cfg = load_config(preset)
     for name in (preset_cfg.data.dataset, *preset_cfg.data.eval_targets):
         vds.generate_dataset(name, tmp_path, num_classes=3, images_per_class=4)
@@ -88,6 +91,10 @@ def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, tmp_
         "sweep.space={}",
         "sweep.metric=test_acc",
     ]
+    if proxy_folder:
+        names = (preset_cfg.data.dataset, *preset_cfg.data.eval_targets)
+        classes = [c for name in names for c in vds.load_dataset(name, tmp_path).classnames]
+        common.append(f"method.source_folder={write_class_folders(tmp_path / 'proxy', classes)}")
     assert source_stats.main(["--config", preset, "--out-dir", str(tmp_path / "stats"), *common]) == 0
     override = capsys.readouterr().out.strip().splitlines()[-1]
     assert override.startswith("method.source_stats=")
@@ -96,3 +103,6 @@ def test_aligning_preset_runs_with_the_statistics_its_command_makes(preset, tmp_
     for name in PROTOCOLS[cfg.data.protocol].metrics:
         assert 0.0 <= metrics[name] <= 100.0, name
     assert {k.split("/", 1)[1] for k in metrics if k.startswith("target_acc/")} == set(cfg.data.eval_targets)
+    assert metrics["target_acc_mean"] == pytest.approx(
+        sum(metrics[f"target_acc/{t}"] for t in cfg.data.eval_targets) / len(cfg.data.eval_targets)
+    )
