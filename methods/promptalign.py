@@ -361,7 +361,11 @@ def stats_inputs(stats: SourceStats | None) -> dict[str, str]:
     return {
         "source_stats.file": str(stats.file),
         "source_stats.fingerprint": meta["fingerprint"],
-        "source_stats.source": f"{meta.get('source_dataset')}/{meta.get('source_split')}",
+        "source_stats.source": (
+            f"folder {meta['source_folder']}"
+            if meta.get("source_folder")
+            else f"{meta.get('source_dataset')}/{meta.get('source_split')}"
+        ),
         "source_stats.images": meta.get("images", ""),
     }
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tests.conftest import REPO, ray_processes, stop_group, write_class_folders
 from vlprompt import datasets as vds
 from vlprompt.methods import stats_file
+from vlprompt.methods.promptalign import stats_inputs
 from vlprompt.methods.source_stats import GLOBAL, PER_CLASS, load_stats
 from vlprompt.orchestrator import source_stats, tracking
 from vlprompt.orchestrator.config import ConfigError, load_config, resolve_paths
@@ -213,6 +214,7 @@ def test_a_folder_source_is_recorded_by_its_path_with_its_class_names(folder_mad
     assert metadata["images"] == "15" and tensors["class_count"]["shape"] == [5]
     stats = load_stats(file, {}, classes=["sea lion", "baluster / handrail"])
     assert stats.class_rows["class_count"].tolist() == [3, 3]
+    assert stats_inputs(stats)["source_stats.source"] == f"folder {folder}"  # what a run logs
 
 
 def test_a_file_is_refused_for_another_source_by_its_name(made, folder_made, tmp_path) -> None:
