@@ -20,6 +20,7 @@ lint: $(STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"vlprompt needs Python 3.11, {sys.executable} is {sys.version.split()[0]}"'
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing vlprompt and its dependencies into $(VENV) (torch and ray are large: a few minutes on a fresh machine)"
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
