@@ -80,7 +80,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    text, code = report(diagnose(args.root, args.names, verify_images=args.verify_images), args.root)
+    findings = diagnose(args.root, args.names, verify_images=args.verify_images)
+    text, code = report(findings, args.root, requested=bool(args.names))
     print(text)
     return code
 

@@ -13,8 +13,9 @@ and prints one line per entry:
   broken and are listed. The doctor writes nothing: fashion20 without its split file is
   broken, with the hint that says how the file is made.
 
-The exit code is 0 when nothing is broken: a missing dataset is not an error (few people
-keep all of them), a present but unreadable one is.
+The exit code is 1 when an entry is broken, when a dataset asked for by name is missing, and
+when a survey of the whole catalog (no names) finds nothing at all -- most likely a wrong
+``--root``; a missing dataset nobody asked for is not an error (few people keep all of them).
 """
 
 from __future__ import annotations
@@ -95,12 +96,16 @@ def diagnose(
     return [examine(n, Path(root), verify_images=verify_images) for n in (names or sorted(CATALOG))]
 
 
-def report(findings: list[Finding], root: str | Path) -> tuple[str, int]:
-    """The printed report and the exit code (1 if any entry is broken)."""
+def report(findings: list[Finding], root: str | Path, *, requested: bool = False) -> tuple[str, int]:
+    """The printed report and the exit code: 1 if any entry is broken, if any is missing when
+    the entries were ``requested`` by name, or if a whole-catalog survey found none."""
     lines = [f"vlprompt data doctor: {root}"]
     for f in findings:
         lines.append(f"{f.status:<8} {f.name:<20} {f.summary}")
         lines.extend(f"{'':<29} {d}" for d in f.details)
     counts = {s: sum(f.status == s for f in findings) for s in ("found", "missing", "broken")}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
-    return "\n".join(lines), int(counts["broken"] > 0)
+    if not requested and findings and counts["found"] == counts["broken"] == 0:
+        lines.append(f"no dataset under {root}: is --root the folder that holds the dataset folders?")
+    failed = counts["broken"] > 0 or (counts["missing"] > 0 and (requested or counts["found"] == 0))
+    return "\n".join(lines), int(failed)

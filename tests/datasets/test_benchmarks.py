@@ -183,7 +183,9 @@ def test_doctor_reports_found_missing_broken(tmp_path: Path, capsys: pytest.Capt
     gen("fgvc_aircraft", tmp_path)
     gen("imagenet_a", tmp_path)
     names = ["dtd", "fgvc_aircraft", "food101", "imagenet_a"]
-    assert cli_main(["doctor", *names, "--root", str(tmp_path)]) == 0
+    assert cli_main(["doctor", *names[:2], names[3], "--root", str(tmp_path)]) == 0  # all there
+    capsys.readouterr()
+    assert cli_main(["doctor", *names, "--root", str(tmp_path)]) == 1  # food101 was asked for, is missing
     out = capsys.readouterr().out.splitlines()
     assert (
         out[1].startswith("found    dtd ")
@@ -205,3 +207,13 @@ def test_doctor_reports_found_missing_broken(tmp_path: Path, capsys: pytest.Capt
     assert "found    imagenet_a           3 of 200 classes, 15 images" in "\n".join(out)
     assert "all images readable" in "\n".join(out)
     assert out[-1] == "1 found, 1 missing, 2 broken"
+
+
+def test_doctor_fails_a_root_with_no_dataset_and_not_an_unrequested_gap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["doctor", "--root", str(tmp_path)]) == 1  # a wrong --root, most likely
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"no dataset under {tmp_path}")
+    gen("dtd", tmp_path)
+    assert cli_main(["doctor", "--root", str(tmp_path)]) == 0  # the rest missing: nobody asked for them
+    assert "0 broken" in capsys.readouterr().out

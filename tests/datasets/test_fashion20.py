@@ -264,7 +264,7 @@ def _record(saved: list[Path]):
 
 
 def test_doctor_reports_fashion20(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["doctor", "fashion20", "--root", str(tmp_path)]) == 0
+    assert cli_main(["doctor", "fashion20", "--root", str(tmp_path)]) == 1  # asked for, missing
     line = capsys.readouterr().out.splitlines()[1]
     assert line.startswith("missing  fashion20 ")
     assert f"expected under {tmp_path}: fashion20/task_info.csv" in line
