@@ -91,7 +91,14 @@ def _print_outcome(outcome: Any, seconds: float) -> None:
         f"sweep (parent) run {outcome.parent_run_id}"
     )
     if outcome.tracking_uri.startswith("sqlite:"):
-        print(f"  browse with: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        print(f"  browse with: {mlflow_command()} ui --backend-store-uri {outcome.tracking_uri}")
+
+
+def mlflow_command() -> str:
+    """The ``mlflow`` of this Python's environment, by path when one sits beside the interpreter
+    (a bare ``mlflow`` fails in a shell where the project's venv is not activated)."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.exists() else "mlflow"
 
 
 def main(argv: list[str] | None = None) -> int:

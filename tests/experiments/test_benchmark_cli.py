@@ -179,3 +179,12 @@ def test_resume_without_a_sweep_to_resume_is_one_error_before_ray(benchmark, wor
     assert benchmark.main(["--config", "quickstart", "--resume", f"sweep.storage_path={workdir}/runs"]) == 2
     err = capsys.readouterr().err
     assert "no sweep 'quickstart'" in err and "run without --resume" in err
+
+
+def test_the_printed_mlflow_ui_command_runs_without_the_venv_activated(benchmark):
+    command = benchmark.mlflow_command()
+    assert Path(command).is_absolute() and Path(command).parent == Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"  # no venv on the PATH
+    done = subprocess.run([command, "--version"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "mlflow" in done.stdout.lower()
