@@ -32,7 +32,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # ---------------------------------------------------------------- field declarations and checks
 
@@ -274,6 +274,10 @@ class LinearProbeConfig:
 class CoOpConfig:
     """Options of CoOp (``TRAINER.COOP.*`` in the reference configs)."""
 
+    IGNORED_WITH: ClassVar[dict[str, str]] = {"n_ctx": "ctx_init"}
+    """Option → the option that, when non-empty, makes it have no effect (the command line is
+    refused for setting one that is ignored: ``orchestrator/config.py``)."""
+
     n_ctx: int = option(16, at_least=1)
     """Number of learnable context tokens M (16 in ``vit_b16.yaml``); ignored with ``ctx_init``."""
     ctx_init: str = ""
@@ -295,6 +299,10 @@ class CoOpConfig:
 class CoCoOpConfig:
     """Options of CoCoOp (``TRAINER.COCOOP.*`` in the reference configs)."""
 
+    IGNORED_WITH: ClassVar[dict[str, str]] = {"n_ctx": "ctx_init"}
+    """Option → the option that, when non-empty, makes it have no effect (the command line is
+    refused for setting one that is ignored: ``orchestrator/config.py``)."""
+
     n_ctx: int = option(4, at_least=1)
     """Number of learnable context tokens M (4 in ``vit_b16_c4_*``); ignored with ``ctx_init``."""
     ctx_init: str = "a photo of a"
@@ -312,6 +320,10 @@ class CoCoOpConfig:
 @dataclass
 class KgCoOpConfig:
     """Options of KgCoOp (``TRAINER.COOP.*`` in the reference configs)."""
+
+    IGNORED_WITH: ClassVar[dict[str, str]] = {"n_ctx": "ctx_init"}
+    """Option → the option that, when non-empty, makes it have no effect (the command line is
+    refused for setting one that is ignored: ``orchestrator/config.py``)."""
 
     n_ctx: int = option(4, at_least=1)
     """Number of learnable context tokens M; ignored with ``ctx_init``."""
@@ -581,6 +593,9 @@ def _scalar(raw: str) -> object:
 class SoftCPTConfig:
     """Options of SoftCPT-NATA (``TRAINER.MTCOOP.*`` in the reference configs)."""
 
+    IGNORED_WITH: ClassVar[dict[str, str]] = {"task_n_ctx": "task_ctx_init"}
+    """Option → the option that, when non-empty, makes it have no effect."""
+
     n_ctx: int = option(16, at_least=1)
     """Context length M of the class prompts, generated per task (``N_CTX``)."""
     task_n_ctx: int = option(4, at_least=1)
@@ -646,6 +661,10 @@ def n_selected(n_images: int, selection_p: float) -> int:
 @dataclass
 class TPTConfig:
     """Options of TPT (the reference's command-line arguments)."""
+
+    IGNORED_WITH: ClassVar[dict[str, str]] = {"n_ctx": "ctx_init"}
+    """Option → the option that, when non-empty, makes it have no effect (the command line is
+    refused for setting one that is ignored: ``orchestrator/config.py``)."""
 
     n_views: int = option(63, at_least=1)
     """Augmented views per test image (``--batch-size`` 64 = the original + 63 views)."""

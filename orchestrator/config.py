@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from vlprompt.methods import get_method, method_option_names
+from vlprompt.methods import METHODS, get_method, method_option_names
 from vlprompt.methods.pretrained import is_checkpoint_path
 from vlprompt.orchestrator.checks import method_options, project_method, validate
 from vlprompt.orchestrator.schema import SECTIONS, ConfigError, ExperimentConfig, flatten, structured
@@ -78,6 +78,8 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
             _pin_axes(cfg, layer)
     validate(cfg)
     check_space(cfg)
+    if overrides:
+        _refuse_ignored(cfg, layers[-1][1])
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -158,6 +160,39 @@ def _pin_axes(cfg: DictConfig, layer: DictConfig) -> None:
     cfg.sweep.space = kept
     shown = ", ".join(f"{k}={v}" for k, v in pinned.items())
     print(f"[vlprompt] {shown} from the command line: that sweep.space axis is fixed", file=sys.stderr)
+
+
+def _refuse_ignored(cfg: DictConfig, layer: DictConfig) -> None:
+    """A command-line ``method.<option>`` that another option overrides with another value is
+    refused by name.
+
+    ``--config quickstart method.n_ctx=8`` would otherwise run CoOp with the 4 tokens of its
+    preset's ``ctx_init`` and say nothing. Each method declares the relation (``IGNORED_WITH`` of
+    its options class: ``n_ctx`` is ignored when ``ctx_init`` is set); every method the config may
+    run is checked (the one named, and the ``method.name`` axis of the space). The words of
+    ``ctx_init`` stand for its tokens (the tokenizer needs torch, which the driver does not load):
+    a value equal to them is no conflict."""
+    given = OmegaConf.to_container(layer.method, resolve=True) if "method" in layer else {}
+    section = OmegaConf.to_container(cfg.method, resolve=True)
+    space = OmegaConf.to_container(cfg.sweep.space, resolve=True) or {}
+    names = {cfg.method.get("name"), *((space.get("method.name") or {}).get("choice") or [])}
+    for name in sorted(n for n in names if n in METHODS):  # an unknown name: validate() says so
+        options = get_method(name).options
+        effective = {**_defaults(options), **project_method(section, name)}
+        for option, by in getattr(options, "IGNORED_WITH", {}).items():
+            words = str(effective.get(by) or "").replace("_", " ").split()
+            if option in given and words and given[option] != len(words):
+                raise ConfigError(
+                    f"command line: method.{option}={given[option]} has no effect on {name}: "
+                    f"method.{by}={effective[by]!r} sets it ({len(words)} tokens); add "
+                    f"\"method.{by}=''\" for {given[option]} randomly initialised tokens, or change "
+                    f"method.{by}"
+                )
+
+
+def _defaults(options: type) -> dict[str, Any]:
+    """An options dataclass's default values, by field."""
+    return {f.name: f.default for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING}
 
 
 def _first_line(err: Exception) -> str:

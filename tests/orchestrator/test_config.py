@@ -30,7 +30,8 @@ def test_every_preset_validates_without_building_anything(preset):
 
 
 def test_overrides_apply_in_order():
-    cfg = load_config("quickstart", ["method.n_ctx=8", "data.shots=2", "train.epochs=3"])
+    overrides = ["method.ctx_init=''", "method.n_ctx=8", "data.shots=2", "train.epochs=3"]
+    cfg = load_config("quickstart", overrides)
     assert (cfg.method.n_ctx, cfg.data.shots, cfg.train.epochs) == (8, 2, 3)
 
 
@@ -215,3 +216,23 @@ def test_a_command_line_value_pins_the_axis_the_preset_sweeps(capsys):
     # a command line that gives the space itself is taken as given
     explicit = load_config("quickstart", ["data.shots=4", "sweep.space={data.shots: {choice: [1, 2]}}"])
     assert list(explicit.sweep.space) == ["data.shots"]
+
+
+def test_a_command_line_option_another_option_makes_ignored_is_refused_by_name():
+    """``--config quickstart method.n_ctx=8`` would run 4 tokens from ``ctx_init``, silently."""
+    from vlprompt.orchestrator.config import space_trials
+
+    with pytest.raises(ConfigError, match=r"method\.n_ctx=8 has no effect on coop: method\.ctx_init="):
+        load_config("quickstart", ["method.n_ctx=8"])
+    with pytest.raises(ConfigError, match=r"task_n_ctx=3 has no effect on softcpt: .* \(2 tokens\)"):
+        load_config(
+            "multi_task", ["method.name=softcpt", "method.task_ctx_init=a task", "method.task_n_ctx=3"]
+        )
+    with pytest.raises(ConfigError, match=r"n_ctx=8 has no effect on tpt: method\.ctx_init='a photo of a'"):
+        load_config("test_time", ["method.n_ctx=8"])  # TPT's ctx_init by default
+    assert load_config("quickstart", ["method.n_ctx=4"]).method.n_ctx == 4  # what ctx_init gives: no conflict
+    # cleared, the option counts, in every trial of the sweep that runs the method
+    trials = list(space_trials(load_config("quickstart", ["method.ctx_init=''", "method.n_ctx=8"])))
+    assert {(t.method.n_ctx, t.method.ctx_init) for t in trials if t.method.name != "zeroshot"} == {(8, "")}
+    # a preset may state both (documentation); only the command line's setting is refused
+    assert load_config("quickstart").method.n_ctx == 4
