@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 from collections import Counter
@@ -39,6 +38,7 @@ from typing import Any
 from mlflow.entities import Run
 
 from vlprompt.orchestrator import compare, results, tracking
+from vlprompt.orchestrator.schema import param_value
 
 #: Row keys taken from the params every run logs (``orchestrator.loop``).
 SHORT_KEYS = {
@@ -51,14 +51,7 @@ SHORT_KEYS = {
 }
 
 
-def _value(text: str) -> Any:
-    """A param's value back from its logged text (``"4"`` → 4, ``"True"`` → True)."""
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+_value = param_value  # a param's value back from its logged text ("4" → 4, "True" → True)
 
 
 def run_row(run: Run) -> dict[str, Any]:

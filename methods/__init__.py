@@ -49,6 +49,12 @@ class Capabilities:
     prompt_tokens: Callable[[Any], opt.PromptTokens | None] | None = None
     """Given the options, where the method's prompt vectors sit when its parameters are exactly
     per-layer prompt tokens (``param_match`` places one bias per prompt vector there)."""
+    block_prompts: Callable[[Any], opt.PromptTokens] | None = None
+    """Given the options, where the prompt tokens sit that the method puts into the towers'
+    blocks, whatever its parameters are (MaPLe's visual prompts are projections): text prompts at
+    positions 1 .. n, visual prompts the n tokens appended after the image's. Read by the prompt
+    analysis (``methods/attention.py``, ``experiments/analyse_prompts.py``); None: no prompts in
+    the blocks to analyse."""
     unlabelled: bool = False
     """Learns without labels (``training_loss`` ignores ``Batch.labels``): may run under a
     transductive protocol, which trains on unlabelled images of every class."""
@@ -119,6 +125,7 @@ METHODS: dict[str, MethodSpec] = {
             frozen_image_tower=False,
             text_classifier=True,
             prompt_tokens=opt.IVLPConfig.prompt_tokens,
+            block_prompts=opt.IVLPConfig.prompt_tokens,
             token_space_keys=("ctx",),
         ),
         "IVLP: independent deep prompts in both towers",
@@ -130,6 +137,7 @@ METHODS: dict[str, MethodSpec] = {
             frozen_image_tower=False,
             text_classifier=True,
             prompt_tokens=opt.PromptSRCConfig.prompt_tokens,
+            block_prompts=opt.PromptSRCConfig.prompt_tokens,
             token_space_keys=("ctx",),
             epoch_hooks=True,
             check_epochs=opt.PromptSRCConfig.check_epochs,
@@ -139,7 +147,12 @@ METHODS: dict[str, MethodSpec] = {
     "maple": MethodSpec(
         opt.MaPLeConfig,
         "maple",
-        Capabilities(frozen_image_tower=False, text_classifier=True, token_space_keys=("ctx",)),
+        Capabilities(
+            frozen_image_tower=False,
+            text_classifier=True,
+            block_prompts=opt.MaPLeConfig.block_prompts,
+            token_space_keys=("ctx",),
+        ),
         "MaPLe: deep text prompts coupled to vision prompts",
     ),
     "bias_tuning": MethodSpec(
@@ -157,7 +170,10 @@ METHODS: dict[str, MethodSpec] = {
     "promptkd": MethodSpec(
         opt.PromptKDConfig,
         "promptkd",
-        Capabilities(frozen_image_tower=False, unlabelled=True),  # a student without a text encoder
+        # a student without a text encoder
+        Capabilities(
+            frozen_image_tower=False, unlabelled=True, block_prompts=opt.PromptKDConfig.block_prompts
+        ),
         "PromptKD: visual prompts distilled from a frozen teacher",
     ),
     "tpt": MethodSpec(

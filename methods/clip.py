@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,20 +69,65 @@ EmbedHook = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
+class AttentionCall:
+    """What an attention hook is given: one block's self-attention, about to run."""
+
+    block: int
+    """The block's index in its tower."""
+    x: Tensor
+    """The block's normalised input ``ln_1(h)``, batch-first ``(N, L, W)``: queries, keys and
+    values are all computed from it."""
+    mask: Tensor | None
+    """The additive attention mask ``(L, L)`` (0 where a query may look, ``-inf`` where not):
+    the text tower's causal mask; None in the image tower."""
+    attention: nn.Module
+    """The block's attention module (open_clip: ``nn.MultiheadAttention``, packed
+    ``in_proj_weight``/``in_proj_bias`` and ``out_proj``), to compute with, never to change."""
+    readout: Tensor
+    """``(N,)``: the position each row's feature is read at -- the end-of-text token of each
+    text row (positions after it reach nothing: the tower is causal), the class token (0) of
+    each image."""
+
+
+#: Replaces one block's ``attn(ln_1(h))``: returns the attention output, batch-first, same shape
+#: as ``call.x`` (before ``ls_1`` and the residual add).
+AttentionHook = Callable[[AttentionCall], Tensor]
+
+
+@dataclass(frozen=True)
 class BlockHooks:
     """Hooks *inside* each residual block (either tower), for additive updates such as biases.
 
     A block with hooks runs as open_clip's ``ResidualAttentionBlock.forward``, split in two::
 
-        x = x + ls_1(attn(ln_1(x)));  x = after_attn(i, x)
-        x = x + ls_2(mlp(ln_2(x)));   x = after_mlp(i, x)
+        x = x + ls_1(attention(i, ln_1(x)));  x = after_attn(i, x)
+        x = x + ls_2(mlp(ln_2(x)));           x = after_mlp(i, x)
 
-    Each hook gets the batch-first residual stream ``(N, L, W)`` of block ``i`` and returns one
-    of the same shape (``x + b`` adds ``b`` to that sub-layer's residual update). ``None``: skip.
+    ``after_attn``/``after_mlp`` get the batch-first residual stream ``(N, L, W)`` of block ``i``
+    and return one of the same shape (``x + b`` adds ``b`` to that sub-layer's residual update).
+    ``attention`` (an :data:`AttentionHook`) computes the attention sub-layer in place of the
+    block's own module, to observe it or change it (``methods/attention.py``). ``None``: skip.
     """
 
     after_attn: LayerHook | None = None
     after_mlp: LayerHook | None = None
+    attention: AttentionHook | None = None
+
+
+def merged_hooks(own: BlockHooks | None, added: BlockHooks | None, where: str) -> BlockHooks | None:
+    """The hooks of both, slot by slot; ``ValueError`` naming the slot when both fill one."""
+    if own is None or added is None:
+        return own or added
+    slots = {}
+    for name in ("after_attn", "after_mlp", "attention"):
+        mine, theirs = getattr(own, name), getattr(added, name)
+        if mine is not None and theirs is not None:
+            raise ValueError(
+                f"{where}: the caller's block hooks and the scoped ones (Backbone.scoped_block_hooks) "
+                f"both set {name}; close the scope or drop one of them"
+            )
+        slots[name] = mine if mine is not None else theirs
+    return BlockHooks(**slots)
 
 
 def register_model_configs() -> None:
@@ -290,12 +336,34 @@ class Backbone(nn.Module):
         self.image_mean: tuple[float, ...] = tuple(float(v) for v in cfg["mean"])
         self.image_std: tuple[float, ...] = tuple(float(v) for v in cfg["std"])
         self._input_dtype = get_input_dtype(precision)
+        self._scoped: dict[str, BlockHooks] = {}  # tower → hooks added by scoped_block_hooks
         model.requires_grad_(False)
         super().train(False)
 
     def train(self, mode: bool = True) -> Backbone:
         """Stay in eval mode whatever is asked: the backbone is frozen, dropout and all."""
         return super().train(False)
+
+    @contextmanager
+    def scoped_block_hooks(
+        self, *, text: BlockHooks | None = None, vision: BlockHooks | None = None
+    ) -> Iterator[None]:
+        """While open, every forward of a tower also runs these block hooks, whoever calls it.
+
+        For tools that study a trained method without changing it (``methods/attention.py``
+        splits each block's attention into what the prompts and what the input tokens
+        contribute): the method's own calls run unchanged, with the scoped hooks added to the
+        hooks it passes (:func:`merged_hooks`; a slot both fill is a ``ValueError``). The hooks are
+        taken when a forward starts, so a chunk re-computed in backward runs the same ones. One
+        scope at a time (``RuntimeError`` when nested).
+        """
+        if self._scoped:
+            raise RuntimeError(f"{self.name}: scoped block hooks are already open; close them first")
+        self._scoped = {t: h for t, h in (("text", text), ("vision", vision)) if h is not None}
+        try:
+            yield
+        finally:
+            self._scoped = {}
 
     # ------------------------------------------------------------------ facts
     @property
@@ -428,6 +496,7 @@ class Backbone(nn.Module):
             )
         if x.shape[1] > self.context_length:
             raise ValueError(f"{x.shape[1]} positions exceed the context length {self.context_length}")
+        block_hooks = merged_hooks(block_hooks, self._scoped.get("text"), "text tower")
         size = chunk_size or self.text_chunk_size
         n_chunks = -(-x.shape[0] // size)
         recompute = self.checkpoints_text(n_chunks) if checkpoint is None else checkpoint
@@ -496,7 +565,7 @@ class Backbone(nn.Module):
         cast = transformer.get_cast_dtype()
         h = x[:, :length].to(cast) + text.positional_embedding[:length].to(cast)
         mask = text.attn_mask[:length, :length]
-        h = _run_blocks(transformer, h, mask, layer_hook, block_hooks, may_grow=False)
+        h = _run_blocks(transformer, h, mask, layer_hook, block_hooks, may_grow=False, readout=eot)
         h = text.ln_final(h)
         pooled = h[torch.arange(h.shape[0], device=h.device), eot]
         proj = text.text_projection
@@ -531,6 +600,7 @@ class Backbone(nn.Module):
         """
         if self._input_dtype is not None:
             images = images.to(self._input_dtype)
+        block_hooks = merged_hooks(block_hooks, self._scoped.get("vision"), "image tower")
         if embed_hook is None and layer_hook is None and block_hooks is None:
             return self.model.encode_image(images)
         visual = self._visual
@@ -543,7 +613,8 @@ class Backbone(nn.Module):
         if embed_hook is not None:
             x = _checked(embed_hook(x), x, "embed_hook", may_grow=True)
         x = visual.ln_pre(x)
-        x = _run_blocks(visual.transformer, x, None, layer_hook, block_hooks, may_grow=True)
+        readout = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token
+        x = _run_blocks(visual.transformer, x, None, layer_hook, block_hooks, may_grow=True, readout=readout)
         pooled, _ = visual._pool(x[:, :n_tokens])
         return pooled @ visual.proj if visual.proj is not None else pooled
 
@@ -588,25 +659,21 @@ def _run_blocks(
     block_hooks: BlockHooks | None,
     *,
     may_grow: bool,
+    readout: Tensor | None = None,
 ) -> Tensor:
     """Run ``transformer``'s blocks on batch-first ``h`` with the hooks; batch-first out.
 
     Hooks always see batch-first states; sequence-first transformers are transposed around
     them. A layer hook may append tokens only where ``may_grow`` (the image tower); block hooks
-    always keep the shape.
+    always keep the shape. Without block hooks each block is open_clip's own ``forward``, so
+    numbers are untouched; ``readout`` (each row's pooled position) is for attention hooks.
     """
     seq_first = not transformer.batch_first
-
-    def batch_first(fn: LayerHook, i: int, state: Tensor, name: str, grow: bool) -> Tensor:
-        view = state.transpose(0, 1) if seq_first else state
-        out = _checked(fn(i, view), view, name, may_grow=grow)
-        return out.transpose(0, 1) if seq_first else out
-
     if seq_first:
         h = h.transpose(0, 1)  # NLD -> LND
     for i, block in enumerate(transformer.resblocks):
         if layer_hook is not None:
-            h = batch_first(layer_hook, i, h, "layer_hook", may_grow)
+            h = _batch_first(layer_hook, i, h, "layer_hook", seq_first, may_grow)
         if block_hooks is None:
             h = block(h, attn_mask=mask)
             continue
@@ -614,10 +681,39 @@ def _run_blocks(
             raise NotImplementedError(
                 f"block hooks need open_clip's ResidualAttentionBlock, got {type(block).__name__}"
             )
-        h = h + block.ls_1(block.attention(q_x=block.ln_1(h), attn_mask=mask))
+        h = h + block.ls_1(_attend(block, i, h, mask, block_hooks.attention, seq_first, readout))
         if block_hooks.after_attn is not None:
-            h = batch_first(block_hooks.after_attn, i, h, "after_attn", False)
+            h = _batch_first(block_hooks.after_attn, i, h, "after_attn", seq_first, False)
         h = h + block.ls_2(block.mlp(block.ln_2(h)))
         if block_hooks.after_mlp is not None:
-            h = batch_first(block_hooks.after_mlp, i, h, "after_mlp", False)
+            h = _batch_first(block_hooks.after_mlp, i, h, "after_mlp", seq_first, False)
     return h.transpose(0, 1) if seq_first else h
+
+
+def _batch_first(fn: LayerHook, i: int, state: Tensor, name: str, seq_first: bool, grow: bool) -> Tensor:
+    """``fn(i, state)`` on the batch-first view of ``state``, back in the transformer's layout."""
+    view = state.transpose(0, 1) if seq_first else state
+    out = _checked(fn(i, view), view, name, may_grow=grow)
+    return out.transpose(0, 1) if seq_first else out
+
+
+def _attend(
+    block: ResidualAttentionBlock,
+    i: int,
+    h: Tensor,
+    mask: Tensor | None,
+    hook: AttentionHook | None,
+    seq_first: bool,
+    readout: Tensor | None,
+) -> Tensor:
+    """``block.attention(ln_1(h))``, or the attention hook's output in its place (same layout)."""
+    x = block.ln_1(h)
+    if hook is None:
+        return block.attention(q_x=x, attn_mask=mask)
+    view = x.transpose(0, 1) if seq_first else x
+    if readout is None:
+        raise ValueError("an attention hook needs each row's readout position")
+    out = _checked(
+        hook(AttentionCall(i, view, mask, block.attn, readout)), view, "attention hook", may_grow=False
+    )
+    return out.transpose(0, 1) if seq_first else out

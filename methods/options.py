@@ -396,6 +396,12 @@ class MaPLeConfig:
     def __post_init__(self) -> None:
         check_fields(self, "maple")
 
+    def block_prompts(self) -> PromptTokens:
+        """Prompts in blocks ``0 .. prompt_depth-1`` of both towers, ``n_ctx`` tokens each."""
+        return PromptTokens(
+            {"text": (self.prompt_depth, self.n_ctx), "vision": (self.prompt_depth, self.n_ctx)}
+        )
+
 
 def gpa_weights(mean: float, std: float, epochs: int) -> tuple[float, ...]:
     """PromptSRC's Gaussian prompt aggregation weights ``w_e = N(e; μ, σ) / Σ_e' N(e'; μ, σ)`` for
@@ -651,6 +657,10 @@ class PromptKDConfig:
             raise ValueError("promptkd teacher_model must be an open_clip model name, got ''")
         self.teacher_options = dict(self.teacher_options)
         check_templates("promptkd", None, self.templates)
+
+    def block_prompts(self) -> PromptTokens:
+        """The student's visual prompts (its text side is the teacher's fixed classifier)."""
+        return PromptTokens({"vision": (self.depth_vision, self.n_ctx_vision)})
 
 
 def n_selected(n_images: int, selection_p: float) -> int:

@@ -26,13 +26,21 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from vlprompt.methods import METHODS, get_method, method_option_names
 from vlprompt.methods.pretrained import is_checkpoint_path
 from vlprompt.orchestrator.checks import method_options, project_method, validate
-from vlprompt.orchestrator.schema import SECTIONS, ConfigError, ExperimentConfig, flatten, structured
+from vlprompt.orchestrator.schema import (
+    SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    flatten,
+    param_value,
+    structured,
+)
 from vlprompt.orchestrator.search_space import condition_holds, grid_points
 
 __all__ = [
     "PRESET_DIR",
     "ConfigError",
     "ExperimentConfig",
+    "config_from_params",
     "flatten",
     "load_config",
     "method_options",
@@ -216,6 +224,58 @@ def trial_config(config: Mapping[str, Any]) -> DictConfig:
         raise ConfigError(f"bad value for {getattr(err, 'full_key', '?')!r}: {_first_line(err)}") from None
     validate(cfg)  # type: ignore[arg-type]
     return cfg  # type: ignore[return-value]
+
+
+#: The sections of a finished run's config that :func:`config_from_params` reads back: what its
+#: model, data, method and numbers were. Resources, tracking and the sweep said how it ran.
+REBUILT_SECTIONS = ("model", "data", "train")
+#: Longer param values were cut when logged (``tracking._param_value``).
+PARAM_LIMIT = 6000
+
+
+def config_from_params(params: Mapping[str, str], overrides: Sequence[str] = ()) -> DictConfig:
+    """A finished run's config from its MLflow params (``loop.log_run`` logs ``flatten(cfg)``),
+    validated like a trial's, then ``section.key=value`` ``overrides`` on top (a data root that
+    moved, ``train.device=cpu``).
+
+    Read back: ``name``, ``seed``, the ``model``/``data``/``train`` fields and the method section;
+    other params (counts, fingerprints, code version) are not config. A value cut at
+    :data:`PARAM_LIMIT` characters when logged is a ``ConfigError`` naming the key, unless an
+    override gives it.
+    """
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    plain: dict[str, Any] = {}
+    for key, text in sorted(params.items()):
+        if not _rebuilt(key):
+            continue
+        if len(text) >= PARAM_LIMIT and key not in given:
+            raise ConfigError(
+                f"param {key!r} was cut at {PARAM_LIMIT} characters when the run logged it; "
+                f"give its value as an override {key}=..."
+            )
+        *parents, leaf = key.split(".")
+        node = plain
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = param_value(text)
+    if not plain.get("method", {}).get("name"):
+        raise ConfigError("the run logged no method.name param: not a run of vlprompt's loop (loop.log_run)")
+    cfg = trial_config(plain)
+    if overrides:
+        cfg = _merge(cfg, _read_overrides(overrides), "command line")
+        validate(cfg)
+    return cfg
+
+
+def _rebuilt(key: str) -> bool:
+    section, _, field = key.partition(".")
+    if section in ("name", "seed"):
+        return not field
+    if section == "method":
+        return bool(field)
+    if section in REBUILT_SECTIONS:
+        return field in {f.name for f in dataclasses.fields(SECTIONS[section])}
+    return False
 
 
 def apply_point(plain: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, Any]:

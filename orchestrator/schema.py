@@ -9,6 +9,7 @@ without knowing any option by name. Choices are declared as ``metadata={"choices
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -202,3 +203,15 @@ def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, 
         else:
             out[full] = value
     return out
+
+
+def param_value(text: str) -> Any:
+    """A config value back from its logged param text (``tracking.log_params``: ``str(value)``,
+    JSON for lists and dicts): ``"4"`` → 4, ``"True"`` → True, ``"None"`` → None, ``"[1, 2]"``
+    → [1, 2]; anything else stays the text."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
 from vlprompt.orchestrator import spool
 from vlprompt.orchestrator.spool import client  # public here too: tracking.client(uri)
@@ -310,6 +311,36 @@ def _move_tag(uri: str, run_id: str, tags: Mapping[str, str], key: str, moved: s
     if key in tags:
         set_tags(uri, run_id, {moved: tags[key]})
         spool.call(uri, f"delete tag {key} of {run_id}", lambda: client(uri).delete_tag(run_id, key))
+
+
+def get_run(uri: str, run_id: str) -> Any:
+    """The MLflow run ``run_id`` (info, params, metrics, tags); ``ValueError`` naming the id and
+    the store when the server answers that there is no such run."""
+    try:
+        return spool.call(uri, f"get run {run_id}", lambda: client(uri).get_run(run_id))
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ValueError(
+                f"no MLflow run {run_id!r} at {uri} (check --run-id and --tracking-uri)"
+            ) from None
+        raise
+
+
+def artifact_paths(uri: str, run_id: str, folder: str) -> list[str]:
+    """The paths of the artifacts directly under ``folder`` of a run (``learned/learned_state.pt``)."""
+    found = spool.call(
+        uri, f"list artifacts {folder} of {run_id}", lambda: client(uri).list_artifacts(run_id, folder)
+    )
+    return [a.path for a in found]
+
+
+def read_artifact(uri: str, run_id: str, path: str) -> bytes:
+    """The bytes of one artifact of a run (downloaded to a temporary folder, read, removed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = spool.call(
+            uri, f"download {path} of {run_id}", lambda: client(uri).download_artifacts(run_id, path, tmp)
+        )
+        return Path(local).read_bytes()
 
 
 def logged_params(uri: str, run_id: str) -> set[str]:
