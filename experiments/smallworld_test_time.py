@@ -16,8 +16,9 @@ commands), with the small world's model and data as overrides:
    train split under that seed's MaPLe (PromptAlign reads the same file's global rows);
 3. ``benchmark.py --config test_time`` (zero-shot, TPT), ``--config promptalign`` (β = 0: TPT on
    MaPLe; β = 100/3: PromptAlign) and ``--config promptsync`` (γ = 0 and 1) per seed, every
-   option at its preset's value, 63 views per image; PromptAlign and PromptSync adapt
-   ``--images-per-step`` images at once (the same numbers as one at a time, ``methods/maple_stacked.py``).
+   option at its preset's value, 63 views per image; ``--images-per-step`` G adapts G images at
+   once (the same numbers as one at a time, ``methods/maple_stacked.py``; it pays on a GPU, not on
+   2 CPU cores with vlp-small, where ``bench_throughput.py --sections test_time`` measured 0.7x).
 
 ``--stages`` runs some of them (``maple``, ``baselines``, ``aligned``; ``--stages`` alone: none,
 only the table of what the store holds).
@@ -171,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="data, MLflow store, caches")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES), help="default: all")
-    parser.add_argument("--images-per-step", type=int, default=8, help="the aligned methods' group size")
+    parser.add_argument(
+        "--images-per-step", type=int, default=1, help="the aligned methods' group size (same numbers; GPU)"
+    )
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
