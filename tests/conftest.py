@@ -34,6 +34,10 @@ os.environ.pop("RAY_ADDRESS", None)  # unit tests must never attach to someone's
 # when the caller's shell exported RAY_AUTH_MODE=disabled: the tests run what users run.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The fault and outage tests read a driver's log while it runs and act on what it says (kill at
+# epoch k). A Python writing to a file buffers 8 KB at a time: without this, lines arrive in bursts
+# seconds late and a kill lands after the run ended -- which a shell exporting it would hide.
+os.environ["PYTHONUNBUFFERED"] = "1"
 
 
 def write_class_folders(folder: Path, classnames: Sequence[str], per_class: int = 1, size: int = 32) -> Path:
