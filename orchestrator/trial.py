@@ -105,11 +105,19 @@ def run_trial(config: dict[str, Any]) -> None:
 
 def stopped_by_tune(err: BaseException) -> bool:
     """Whether the Train run ended because Tune stopped this trial (a scheduler, a signal): Ray
-    then ends the Train controller on purpose (``INTENDED_*`` exit); a killed one is a
-    ``SYSTEM_ERROR``."""
+    then ends the Train controller on purpose (``INTENDED_*`` exit), or the controller dies with
+    the process that owns it ("its owner has died") while this function still runs -- seen when a
+    SIGINT stops a bundle between two configurations. A controller killed on its own is a
+    ``SYSTEM_ERROR``: this trial's runs are then marked FAILED (a Tune retry reopens them).
+
+    Only a living trial can mark anything: when the owner death is its own, nothing is written,
+    and the driver closes the runs (KILLED after a signal, FAILED if the trial is never retried)."""
     from ray.exceptions import ActorDiedError
 
-    return isinstance(err, ActorDiedError) and "Worker exit type: INTENDED" in str(err)
+    text = str(err)
+    return isinstance(err, ActorDiedError) and (
+        "Worker exit type: INTENDED" in text or "because its owner has died" in text
+    )
 
 
 def _trainer(config: dict[str, Any], runs: list[dict[str, Any]], trial_id: str, launch: int) -> Any:

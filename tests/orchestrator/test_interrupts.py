@@ -52,3 +52,27 @@ def test_the_handlers_before_are_put_back():
     with graceful_stop():
         assert signal.getsignal(signal.SIGTERM) not in before
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize(
+    ("detail", "stopped"),
+    [
+        ("Worker exit type: INTENDED_USER_EXIT Worker exit detail: exit_actor() called", True),
+        # a stop between two configurations of a bundle
+        ("The actor is dead because its owner has died. Owner Id: 01ab", True),
+        # a controller killed on its own
+        ("Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits", False),
+    ],
+)
+def test_a_trial_leaves_to_the_driver_only_the_runs_a_stop_ended(detail, stopped):
+    """A trial whose Train controller died because the sweep was stopped must not mark its runs
+    FAILED (the driver ends them KILLED; a late FAILED overwrote that in a real run); a controller
+    killed on its own is a failure the trial records."""
+    from ray.exceptions import ActorDiedError
+
+    from vlprompt.orchestrator.trial import stopped_by_tune
+
+    err = ActorDiedError()
+    err.error_msg = f"The actor died unexpectedly before finishing this task.\n{detail}"
+    assert stopped_by_tune(err) is stopped
+    assert not stopped_by_tune(RuntimeError(detail))  # only the controller's death counts
